@@ -1,0 +1,79 @@
+"""The one settings object: built once by the CLI (or a test), passed down to every layer."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from .errors import ConfigError
+
+Dtype = Literal["float32", "float16", "bfloat16"]
+DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Target vectors
+    npy: Path | None = None
+    dim: int | None = None
+    demo_size: int = 10_000
+    demo_seed: int = 0
+    drop_zero: bool = False
+    # Engine
+    device: str = "auto"
+    dtype: Dtype = "float32"
+    max_batch: int = 128
+    top_k: int = 10
+    max_k: int = 100
+    block_size: int | None = None  # columns per top-k block; None = chosen from N and top_k
+    # Batcher
+    max_wait_ms: float = 0.0
+    queue_size: int = 8192  # queries waiting for the engine, all connections together
+    timeout_ms: int = 10_000
+    # Server
+    host: str = "0.0.0.0"
+    port: int = 8080
+    max_inflight: int = 1024  # per connection: queries sent and not yet answered
+    max_frame_bytes: int = 4 * 1024 * 1024
+    max_queries_per_frame: int = 1024
+    max_body_bytes: int = 4 * 1024 * 1024
+    ws_compression: bool = False
+    drain_timeout_s: float = 30.0
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        positive = {
+            "demo_size": self.demo_size,
+            "max_batch": self.max_batch,
+            "top_k": self.top_k,
+            "max_k": self.max_k,
+            "queue_size": self.queue_size,
+            "timeout_ms": self.timeout_ms,
+            "max_inflight": self.max_inflight,
+            "max_frame_bytes": self.max_frame_bytes,
+            "max_queries_per_frame": self.max_queries_per_frame,
+            "max_body_bytes": self.max_body_bytes,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+        if self.dim is not None and self.dim < 1:
+            raise ConfigError(f"--dim must be at least 1, got {self.dim}.")
+        if self.top_k > self.max_k:
+            raise ConfigError(f"--top-k ({self.top_k}) must not exceed --max-k ({self.max_k}).")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
+        if self.block_size is not None and self.block_size < 1:
+            raise ConfigError(f"--block-size must be at least 1, got {self.block_size}.")
+        if self.max_wait_ms < 0 or self.drain_timeout_s < 0:
+            raise ConfigError("--max-wait-ms and --drain-timeout must not be negative.")
+        if self.npy is None and self.dim is None:
+            raise ConfigError("Give --npy FILE, or --dim D to serve a generated demo set.")
+
+    def replace(self, **changes: object) -> Settings:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

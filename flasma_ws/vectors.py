@@ -1,0 +1,233 @@
+"""Target vectors: open `.npy` files (standard or Flasma legacy) memory-mapped, or a demo set.
+
+Rows are read in chunks so that loading never holds a second full host copy of the matrix:
+the engine copies chunk by chunk straight onto its device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from .errors import VectorFileError
+
+Layout = Literal["standard", "legacy", "demo"]
+Progress = Callable[[int], None]  # called with the number of rows just processed
+
+CHUNK_ROWS = 65_536
+DEMO_CHUNK_ROWS = 4_096  # demo rows come from one RNG stream per chunk, so any slice is cheap
+# A row whose float64 norm is within this of 1 is already unit length in float32 and is
+# kept bit for bit, so legacy files (stored normalized) load exactly as written.
+UNIT_NORM_TOLERANCE = 4 * float(np.finfo(np.float32).eps)
+
+
+@dataclass(frozen=True)
+class VectorSource:
+    """Raw rows of an opened vector file or demo set; `rows()` returns float32, unnormalized."""
+
+    n: int
+    dim: int
+    layout: Layout
+    label: str  # the file path, or "demo"
+    array: np.ndarray | None = None  # the memory map (None for demo)
+    seed: int = 0
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        if self.layout == "demo":
+            return _demo_rows(self.seed, self.dim, start, stop)
+        assert self.array is not None
+        if self.layout == "legacy":
+            # Column j of the (dim, N) transposed matrix is row j.
+            block = self.array.reshape(self.dim, self.n)[:, start:stop].T
+        else:
+            block = self.array[start:stop]
+        return np.ascontiguousarray(block, dtype=np.float32)
+
+    def chunks(self, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+        for start in range(0, self.n, chunk_rows):
+            yield start, self.rows(start, min(start + chunk_rows, self.n))
+
+
+def _demo_rows(seed: int, dim: int, start: int, stop: int) -> np.ndarray:
+    first, last = start // DEMO_CHUNK_ROWS, (stop - 1) // DEMO_CHUNK_ROWS
+    parts = []
+    for chunk in range(first, last + 1):
+        rng = np.random.default_rng([seed, chunk])
+        part = rng.standard_normal((DEMO_CHUNK_ROWS, dim), dtype=np.float32)
+        lo = max(start - chunk * DEMO_CHUNK_ROWS, 0)
+        hi = min(stop - chunk * DEMO_CHUNK_ROWS, DEMO_CHUNK_ROWS)
+        parts.append(part[lo:hi])
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def open_demo(n: int, dim: int, seed: int = 0) -> VectorSource:
+    if n < 1 or dim < 1:
+        raise VectorFileError(f"A demo set needs at least one row and one dimension, got {n}x{dim}.")
+    return VectorSource(n=n, dim=dim, layout="demo", label="demo", seed=seed)
+
+
+def open_npy(path: str | Path, dim: int | None = None) -> VectorSource:
+    """Open a standard (N, dim) or legacy (dim*N,) `.npy` memory-mapped, checking its shape."""
+    path = Path(path)
+    array = _load_npy(path)
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise VectorFileError(f"{path} holds {array.dtype} values; expected floating-point numbers.")
+    if array.ndim == 2:
+        n, file_dim = array.shape
+        if dim is not None and dim != file_dim:
+            raise VectorFileError(
+                f"{path} has rows of dimension {file_dim}, but --dim is {dim}; "
+                f"drop --dim or pass --dim {file_dim}."
+            )
+        layout: Layout = "standard"
+    elif array.ndim == 1:
+        if dim is None:
+            raise VectorFileError(
+                f"{path} is 1-D (a Flasma legacy file of length dim*N); pass --dim to read it."
+            )
+        if array.shape[0] % dim:
+            raise VectorFileError(
+                f"{path} has {array.shape[0]} values, which is not a multiple of --dim {dim}; "
+                "check --dim."
+            )
+        n, file_dim, layout = array.shape[0] // dim, dim, "legacy"
+    else:
+        raise VectorFileError(
+            f"{path} is {array.ndim}-D with shape {array.shape}; expected (N, dim) or a "
+            "1-D Flasma legacy array. Reshape it to (N, dim) and save it again."
+        )
+    if n == 0 or file_dim == 0:
+        raise VectorFileError(f"{path} holds no vectors (shape {array.shape}).")
+    return VectorSource(n=n, dim=file_dim, layout=layout, label=str(path), array=array)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    if not path.exists():
+        raise VectorFileError(f"{path} does not exist; check the path given to --npy.")
+    if path.is_dir():
+        raise VectorFileError(f"{path} is a directory; give the path of a .npy file.")
+    try:
+        loaded = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise VectorFileError(
+            f"{path} is not a readable .npy file ({exc}); "
+            "use `flasma-ws convert` to turn .npz, .fvecs or .hdf5 files into .npy."
+        ) from exc
+    if not isinstance(loaded, np.ndarray):  # an .npz archive
+        loaded.close()
+        raise VectorFileError(
+            f"{path} is an .npz archive; run `flasma-ws convert {path} OUT.npy --key NAME` first."
+        )
+    return loaded
+
+
+def row_norms(block: np.ndarray) -> np.ndarray:
+    """Float64 norms, robust to overflow of the squares in float32."""
+    return np.linalg.norm(block.astype(np.float64), axis=1)
+
+
+def normalize_rows(block: np.ndarray) -> np.ndarray:
+    """L2-normalize float32 rows (no zero rows); rows already of unit norm stay bit-exact."""
+    norms = row_norms(block)
+    off = np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE
+    if not off.any():
+        return block
+    out = block.copy()
+    out[off] = (block[off].astype(np.float64) / norms[off, None]).astype(np.float32)
+    return out
+
+
+@dataclass(frozen=True)
+class Targets:
+    """A validated source plus which of its rows to keep; yields normalized float32 chunks.
+
+    `keep` holds original row indices when zero rows were dropped (results use these), else None.
+    """
+
+    source: VectorSource
+    keep: np.ndarray | None = None
+    zero_rows: int = 0
+
+    @property
+    def n(self) -> int:
+        return self.source.n if self.keep is None else int(self.keep.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return self.source.dim
+
+    def chunks(self, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+        """(first destination row, normalized rows) for the kept rows, in order."""
+        if self.keep is None:
+            for start, block in self.source.chunks(chunk_rows):
+                yield start, normalize_rows(block)
+            return
+        written = 0
+        for start, block in self.source.chunks(chunk_rows):
+            kept = self.keep[(self.keep >= start) & (self.keep < start + block.shape[0])]
+            if kept.size:
+                yield written, normalize_rows(block[kept - start])
+                written += kept.size
+
+    def original_index(self, rows: np.ndarray) -> np.ndarray:
+        """Map engine row numbers back to row numbers of the file."""
+        return rows if self.keep is None else self.keep[rows]
+
+
+def prepare(source: VectorSource, drop_zero: bool = False, progress: Progress | None = None) -> Targets:
+    """Scan every row once: refuse NaN/Inf, find zero-norm rows, refuse or drop them."""
+    zero_parts = []
+    for start, block in source.chunks():
+        finite = np.isfinite(block)
+        if not finite.all():
+            bad_row = start + int(np.argwhere(~finite)[0][0])
+            raise VectorFileError(
+                f"{source.label} holds NaN or infinite values (first in row {bad_row}); "
+                "clean the file and try again."
+            )
+        zero = np.flatnonzero(row_norms(block) == 0.0)
+        if zero.size:
+            zero_parts.append(zero + start)
+        if progress is not None:
+            progress(block.shape[0])
+    zeros = np.concatenate(zero_parts) if zero_parts else np.empty(0, dtype=np.int64)
+    if zeros.size == 0:
+        return Targets(source)
+    if not drop_zero:
+        raise VectorFileError(
+            f"{source.label} has {zeros.size} zero-norm rows (first at row {int(zeros[0])}); "
+            "a zero vector has no cosine similarity. Remove them, or pass --drop-zero to skip "
+            "them (results keep the original row numbers)."
+        )
+    if zeros.size == source.n:
+        raise VectorFileError(f"Every row of {source.label} has zero norm; nothing to serve.")
+    keep = np.setdiff1d(np.arange(source.n, dtype=np.int64), zeros, assume_unique=True)
+    return Targets(source, keep=keep, zero_rows=int(zeros.size))
+
+
+def load_matrix(targets: Targets) -> np.ndarray:
+    """The whole normalized (n, dim) float32 matrix on the host (for tools and tests)."""
+    out = np.empty((targets.n, targets.dim), dtype=np.float32)
+    for start, block in targets.chunks():
+        out[start : start + block.shape[0]] = block
+    return out
+
+
+def open_targets(
+    npy: str | Path | None,
+    dim: int | None,
+    demo_size: int = 10_000,
+    demo_seed: int = 0,
+    drop_zero: bool = False,
+    progress: Progress | None = None,
+) -> Targets:
+    """Open and validate what the settings name: a file, or the demo set when npy is None."""
+    if npy is None:
+        if dim is None:
+            raise VectorFileError("Give --npy FILE, or --dim D to use a generated demo set.")
+        return prepare(open_demo(demo_size, dim, demo_seed), drop_zero, progress)
+    return prepare(open_npy(npy, dim), drop_zero, progress)
