@@ -1,0 +1,42 @@
+"""The `flasma-ws` command line: thin commands over the library, one module per command."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from ..errors import FlasmaError
+
+app = typer.Typer(
+    name="flasma-ws",
+    help="Exact cosine-similarity top-k server over WebSocket and HTTP, batched on TensorFlow.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err_console = Console(stderr=True)
+
+# Each module registers its command on `app`.
+from . import bench, convert, loadtest, serve  # noqa: E402,F401
+
+
+def main() -> None:
+    """Entry point: run the app; a FlasmaError becomes one line on stderr and exit code 1."""
+    try:
+        app(standalone_mode=False)
+    except FlasmaError as exc:
+        err_console.print(f"[red]Error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except typer.Abort:
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click usage errors arrive here with standalone_mode=False
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,3 @@
+"""flasma-ws bench (placeholder)."""
+
+from . import app  # noqa: F401

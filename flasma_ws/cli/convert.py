@@ -1,0 +1,3 @@
+"""flasma-ws convert (placeholder)."""
+
+from . import app  # noqa: F401

@@ -1,0 +1,3 @@
+"""flasma-ws loadtest (placeholder)."""
+
+from . import app  # noqa: F401

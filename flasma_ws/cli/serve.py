@@ -1,0 +1,3 @@
+"""flasma-ws serve (placeholder)."""
+
+from . import app  # noqa: F401

@@ -1,0 +1,253 @@
+"""The wire codec: bytes/str in, validated requests (or one ProtocolError) out; results out.
+
+Pure: no I/O, no asyncio, no TensorFlow. The layouts are documented in docs/protocol.md.
+
+Binary request (little-endian): u64 id | u16 k (0 = default) | u16 count | u32 timeout_ms
+(0 = default) | float32[count * dim]. Binary answer: u64 id | u16 k | u16 count | u32 0 |
+u32[count * k] rows | float32[count * k] scores. Errors are always JSON text frames.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+import orjson
+
+from .errors import ProtocolError
+
+RequestId = Union[str, int, None]
+
+BAD_JSON = "bad_json"
+BAD_REQUEST = "bad_request"
+BAD_DIMENSION = "bad_dimension"
+BAD_VALUE = "bad_value"
+BAD_K = "bad_k"
+OVERLOADED = "overloaded"
+TIMEOUT = "timeout"
+INTERNAL = "internal"
+UNAVAILABLE = "unavailable"
+ERROR_CODES = (BAD_JSON, BAD_REQUEST, BAD_DIMENSION, BAD_VALUE, BAD_K, OVERLOADED, TIMEOUT,
+               INTERNAL, UNAVAILABLE)
+
+BINARY_HEADER = struct.Struct("<QHHI")
+MAX_TIMEOUT_MS = 3_600_000
+_WS_KEYS = frozenset({"id", "embedding", "embeddings", "k", "timeout_ms"})
+_COS_KEYS = frozenset({"embedding", "k", "timeout_ms"})
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """One validated request: a (count, dim) float32 array of finite, non-zero queries."""
+
+    id: RequestId
+    vectors: np.ndarray
+    k: int
+    multi: bool = False  # answer with "results" (a list per query) rather than "result"
+    binary: bool = False
+    timeout_ms: int | None = None
+
+    @property
+    def count(self) -> int:
+        return int(self.vectors.shape[0])
+
+
+@dataclass(frozen=True)
+class Codec:
+    dim: int
+    n: int
+    top_k: int = 10
+    max_k: int = 100
+    max_queries_per_frame: int = 1024
+
+    # -- requests ----------------------------------------------------------------------
+    def parse_text(self, data: str | bytes) -> Query:
+        """A WebSocket text frame: {"id", "embedding" | "embeddings", "k"?, "timeout_ms"?}."""
+        obj = _load_json(data)
+        request_id = _read_id(obj)
+        try:
+            if "id" not in obj:
+                raise ProtocolError(BAD_REQUEST, 'The request has no "id"; add one to match answers.')
+            return self._parse_fields(obj, request_id, _WS_KEYS)
+        except ProtocolError as exc:
+            exc.request_id = request_id
+            raise
+
+    def parse_cos(self, body: bytes) -> Query:
+        """A POST /cos body: {"embedding": [...], "k"?: int} (Flasma's route)."""
+        obj = _load_json(body)
+        if "embeddings" in obj:
+            raise ProtocolError(BAD_REQUEST, 'POST /cos takes one "embedding"; use /ws for several.')
+        return self._parse_fields(obj, None, _COS_KEYS)
+
+    def parse_binary(self, data: bytes) -> Query:
+        if len(data) < BINARY_HEADER.size:
+            raise ProtocolError(
+                BAD_REQUEST, f"A binary frame needs a {BINARY_HEADER.size}-byte header; got {len(data)} bytes."
+            )
+        request_id, k, count, timeout_ms = BINARY_HEADER.unpack_from(data)
+        try:
+            self._check_count(count)
+            expected = BINARY_HEADER.size + 4 * count * self.dim
+            if len(data) != expected:
+                raise ProtocolError(
+                    BAD_DIMENSION,
+                    f"A binary frame with {count} queries of dimension {self.dim} must be {expected} "
+                    f"bytes; got {len(data)}.",
+                )
+            vectors = np.frombuffer(data, dtype="<f4", offset=BINARY_HEADER.size).reshape(count, self.dim)
+            self._check_values(vectors)
+            return Query(request_id, vectors, self._check_k(k or self.top_k), multi=count != 1,
+                         binary=True, timeout_ms=self._check_timeout(timeout_ms or None))
+        except ProtocolError as exc:
+            exc.request_id = request_id
+            raise
+
+    def _parse_fields(self, obj: dict, request_id: RequestId, allowed: frozenset[str]) -> Query:
+        unknown = obj.keys() - allowed
+        if unknown:
+            raise ProtocolError(
+                BAD_REQUEST, f"Unknown field(s) {', '.join(sorted(map(repr, unknown)))}; "
+                f"allowed: {', '.join(sorted(allowed))}."
+            )
+        k = self._check_k(obj.get("k", self.top_k))
+        timeout_ms = self._check_timeout(obj.get("timeout_ms"))
+        if ("embedding" in obj) == ("embeddings" in obj):
+            raise ProtocolError(BAD_REQUEST, 'Give exactly one of "embedding" or "embeddings".')
+        if "embedding" in obj:
+            vectors = self._vectors([obj["embedding"]], "embedding")
+            return Query(request_id, vectors, k, timeout_ms=timeout_ms)
+        rows = obj["embeddings"]
+        if not isinstance(rows, list):
+            raise ProtocolError(BAD_REQUEST, '"embeddings" must be a list of lists of numbers.')
+        self._check_count(len(rows))
+        return Query(request_id, self._vectors(rows, "embeddings"), k, multi=True, timeout_ms=timeout_ms)
+
+    def _vectors(self, rows: list, field: str) -> np.ndarray:
+        for i, row in enumerate(rows):
+            if not isinstance(row, list):
+                raise ProtocolError(BAD_REQUEST, f'"{field}" must hold lists of numbers.')
+            if len(row) != self.dim:
+                where = f" (query {i})" if field == "embeddings" else ""
+                raise ProtocolError(
+                    BAD_DIMENSION,
+                    f"The embedding{where} has {len(row)} values; this server's vectors have "
+                    f"dimension {self.dim}.",
+                )
+            # JSON true/false would silently become 1.0/0.0 in numpy.
+            if bool in set(map(type, row)):
+                raise ProtocolError(BAD_VALUE, "Embeddings must hold numbers, not true/false.")
+        try:
+            wide = np.array(rows, dtype=np.float64)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise ProtocolError(BAD_REQUEST, "Embeddings must hold only numbers.") from exc
+        with np.errstate(over="ignore"):  # overflow to inf is reported just below
+            vectors = wide.astype(np.float32)
+        self._check_values(vectors)
+        return vectors
+
+    @staticmethod
+    def _check_values(vectors: np.ndarray) -> None:
+        finite = np.isfinite(vectors)
+        if not finite.all():
+            raise ProtocolError(
+                BAD_VALUE, "Embeddings must be finite: NaN, Infinity and values beyond float32's "
+                "range (about 3.4e38) cannot be compared."
+            )
+        if not vectors.any(axis=1).all():
+            raise ProtocolError(BAD_VALUE, "A zero vector has no direction, so no cosine similarity.")
+
+    def _check_k(self, k: object) -> int:
+        limit = min(self.max_k, self.n)
+        if type(k) is not int or not 1 <= k <= limit:
+            raise ProtocolError(BAD_K, f'"k" must be an integer from 1 to {limit}; got {k!r}.')
+        return k
+
+    def _check_count(self, count: int) -> None:
+        if not 1 <= count <= self.max_queries_per_frame:
+            raise ProtocolError(
+                BAD_REQUEST,
+                f"A frame must hold 1 to {self.max_queries_per_frame} queries; got {count}.",
+            )
+
+    @staticmethod
+    def _check_timeout(timeout_ms: object) -> int | None:
+        if timeout_ms is None:
+            return None
+        if type(timeout_ms) is not int or not 1 <= timeout_ms <= MAX_TIMEOUT_MS:
+            raise ProtocolError(
+                BAD_REQUEST, f'"timeout_ms" must be an integer from 1 to {MAX_TIMEOUT_MS}; '
+                f"got {timeout_ms!r}."
+            )
+        return timeout_ms
+
+    # -- answers -----------------------------------------------------------------------
+    @staticmethod
+    def encode_result(query: Query, rows: np.ndarray, scores: np.ndarray) -> bytes:
+        """The answer to `query`: rows/scores are (count, k). JSON bytes, or a binary frame."""
+        if query.binary:
+            header = BINARY_HEADER.pack(query.id, query.k, query.count, 0)
+            return header + rows.astype("<u4").tobytes() + scores.astype("<f4").tobytes()
+        if query.multi:
+            results = [list(zip(r, s)) for r, s in zip(rows.tolist(), scores.tolist())]
+            return orjson.dumps({"id": query.id, "results": results})
+        return orjson.dumps({"id": query.id, "result": list(zip(rows[0].tolist(), scores[0].tolist()))})
+
+    @staticmethod
+    def encode_cos(rows: np.ndarray, scores: np.ndarray) -> bytes:
+        return orjson.dumps({"result": list(zip(rows[0].tolist(), scores[0].tolist()))})
+
+    @staticmethod
+    def encode_error(request_id: RequestId, code: str, message: str) -> bytes:
+        return orjson.dumps({"id": request_id, "error": {"code": code, "message": message}})
+
+    @staticmethod
+    def decode_binary_result(data: bytes) -> tuple[int, np.ndarray, np.ndarray]:
+        """Client side: (id, rows (count, k) uint32, scores (count, k) float32)."""
+        request_id, k, count, _ = BINARY_HEADER.unpack_from(data)
+        size = count * k
+        rows = np.frombuffer(data, "<u4", size, BINARY_HEADER.size).reshape(count, k)
+        scores = np.frombuffer(data, "<f4", size, BINARY_HEADER.size + 4 * size).reshape(count, k)
+        return request_id, rows, scores
+
+
+def encode_binary_query(request_id: int, vectors: np.ndarray, k: int = 0, timeout_ms: int = 0) -> bytes:
+    """Client side: one binary request frame for (count, dim) float32 vectors."""
+    vectors = np.ascontiguousarray(vectors, dtype="<f4")
+    if vectors.ndim == 1:
+        vectors = vectors[None, :]
+    return BINARY_HEADER.pack(request_id, k, vectors.shape[0], timeout_ms) + vectors.tobytes()
+
+
+def _load_json(data: str | bytes) -> dict:
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        obj = _load_lenient_json(data)
+        if obj is None:
+            raise ProtocolError(BAD_JSON, f"The frame is not valid JSON: {exc.args[0]}.") from exc
+    if not isinstance(obj, dict):
+        raise ProtocolError(BAD_REQUEST, "A request must be a JSON object.")
+    return obj
+
+
+def _load_lenient_json(data: str | bytes) -> object:
+    """Python's json accepts NaN/Infinity, which some clients send: parse them so the answer
+    can say `bad_value` rather than `bad_json`. Only reached on the error path."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _read_id(obj: dict) -> RequestId:
+    """The request id when it is a string or an integer (JSON type kept), else None."""
+    request_id = obj.get("id")
+    if isinstance(request_id, str) or (type(request_id) is int):
+        return request_id
+    if "id" in obj:
+        raise ProtocolError(BAD_REQUEST, '"id" must be a string or an integer.')
+    return None
