@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -17,6 +18,14 @@ app = typer.Typer(
     add_completion=False,
 )
 err_console = Console(stderr=True)
+
+
+
+def fail(exc: FlasmaError) -> NoReturn:
+    """Report a FlasmaError as one line (no traceback) and exit 1; commands call this."""
+    err_console.print(f"[red]Error:[/red] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
 
 # Each module registers its command on `app`.
 from . import bench, convert, loadtest, serve  # noqa: E402,F401
