@@ -20,6 +20,11 @@ app = typer.Typer(
 err_console = Console(stderr=True)
 
 
+@app.callback()
+def _root() -> None:
+    """Exact cosine-similarity top-k server: serve, convert, bench, loadtest."""
+
+
 
 def fail(exc: FlasmaError) -> NoReturn:
     """Report a FlasmaError as one line (no traceback) and exit 1; commands call this."""
@@ -32,20 +37,9 @@ from . import bench, convert, loadtest, serve  # noqa: E402,F401
 
 
 def main() -> None:
-    """Entry point: run the app; a FlasmaError becomes one line on stderr and exit code 1."""
+    """Entry point. Commands report their own FlasmaErrors through fail(); this is the net."""
     try:
-        app(standalone_mode=False)
+        app()
     except FlasmaError as exc:
         err_console.print(f"[red]Error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except typer.Abort:
-        sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors arrive here with standalone_mode=False
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise

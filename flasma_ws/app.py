@@ -1,0 +1,266 @@
+"""Routes: the ASGI app that uvicorn drives. Sockets and routes only; no tensors.
+
+    /ws        WebSocket, one Connection per client (docs/protocol.md)
+    POST /cos  Flasma's route: {"embedding": [...]} -> {"result": [[index, score], ...]}
+    GET /healthz, GET /info, GET /metrics
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+import orjson
+
+from . import metrics as metrics_module
+from . import protocol
+from .batcher import Failure
+from .errors import ProtocolError
+from .protocol import Query
+from .service import Service, State
+
+log = logging.getLogger("flasma_ws")
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+HTTP_STATUS = {
+    protocol.OVERLOADED: 503, protocol.UNAVAILABLE: 503, protocol.TIMEOUT: 504,
+    protocol.INTERNAL: 500, "too_large": 413, "not_found": 404, "method_not_allowed": 405,
+}
+JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class Connection:
+    """One WebSocket client: reads frames, submits queries, sends each answer exactly once.
+
+    In-flight queries (received, not yet answered) are capped at max_inflight: at the cap we
+    stop reading, so the client is slowed by TCP rather than growing our memory.
+    """
+
+    def __init__(self, service: Service, send: Any) -> None:
+        self.service = service
+        self.send = send
+        self.alive = True
+        self.inflight = 0
+        self.max_inflight = service.settings.max_inflight
+        self.outbox: deque[tuple[Message, float, str]] = deque()
+        self.wake = asyncio.Event()
+        self.room = asyncio.Event()
+        self.closing: int | None = None
+        self.sender: asyncio.Task[None] | None = None
+
+    async def run(self, receive: Any) -> None:
+        self.sender = asyncio.get_running_loop().create_task(self._send_loop())
+        try:
+            while True:
+                if self.inflight >= self.max_inflight:
+                    self.room.clear()
+                    await self.room.wait()
+                message = await receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                self.inflight += 1
+                self._handle(message, time.perf_counter())
+        finally:
+            self.alive = False
+            self.sender.cancel()
+
+    def _handle(self, message: Message, received: float) -> None:
+        request_id: protocol.RequestId = None
+        try:
+            codec = self.service.require_codec()
+            data = message.get("bytes")
+            query = codec.parse_binary(data) if data is not None else codec.parse_text(message["text"])
+            request_id = query.id
+            self.service.submit(query, lambda result: self._answer(query, result, received), self)
+        except ProtocolError as exc:
+            self._push_error(exc.request_id, exc.code, exc.message, received)
+        except Exception:
+            log.exception("Handling a WebSocket frame failed.")
+            self._push_error(request_id, protocol.INTERNAL, "The server failed on this request.", received)
+
+    def _answer(self, query: Query, result: tuple[np.ndarray, np.ndarray] | Failure, received: float) -> None:
+        if isinstance(result, Failure):
+            self._push_error(query.id, result.code, result.message, received)
+            return
+        try:
+            frame = protocol.Codec.encode_result(query, *result)
+        except Exception:
+            log.exception("Encoding an answer failed.")
+            self._push_error(query.id, protocol.INTERNAL, "The server failed on this request.", received)
+            return
+        self.service.metrics.queries.inc(query.count)
+        if query.binary:
+            self._push({"type": "websocket.send", "bytes": frame}, received, "ok")
+        else:
+            self._push({"type": "websocket.send", "text": frame.decode()}, received, "ok")
+
+    def _push_error(self, request_id: protocol.RequestId, code: str, text: str, received: float) -> None:
+        frame = protocol.Codec.encode_error(request_id, code, text).decode()
+        self._push({"type": "websocket.send", "text": frame}, received, code)
+
+    def _push(self, message: Message, received: float, outcome: str) -> None:
+        self.outbox.append((message, received, outcome))
+        self.wake.set()
+
+    async def _send_loop(self) -> None:
+        metrics = self.service.metrics
+        try:
+            while True:
+                await self.wake.wait()
+                self.wake.clear()
+                while self.outbox:
+                    message, received, outcome = self.outbox.popleft()
+                    await self.send(message)  # waits while the client's socket buffer is full
+                    self.inflight -= 1
+                    self.room.set()
+                    metrics.requests.labels("ws", outcome).inc()
+                    metrics.latency_seconds.labels("ws").observe(time.perf_counter() - received)
+                if self.closing is not None and self.inflight == 0:
+                    await self.send({"type": "websocket.close", "code": self.closing})
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the client went away mid-send; the reader notices the disconnect
+            self.alive = False
+
+    async def close_after_flush(self, code: int) -> None:
+        """Send every pending answer, then close with `code` (1001 when the server drains)."""
+        self.closing = code
+        self.wake.set()
+        if self.sender is not None:
+            await asyncio.gather(self.sender, return_exceptions=True)
+
+
+class App:
+    """The ASGI application: one instance per server."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "websocket":
+            await self._websocket(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    # -- lifespan ----------------------------------------------------------------------
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        loading: asyncio.Task[None] | None = None
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                # Listen first and load in the background, so /healthz can say 503 meanwhile.
+                loading = asyncio.get_running_loop().create_task(self.service.load())
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if loading is not None and not loading.done():
+                    loading.cancel()
+                await self.service.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # -- WebSocket ---------------------------------------------------------------------
+    async def _websocket(self, scope: Scope, receive: Any, send: Any) -> None:
+        await receive()  # websocket.connect
+        if scope["path"] != "/ws":
+            await _reject(send, 404, "not_found", "WebSocket connections go to /ws.")
+            return
+        if self.service.state is not State.READY:
+            await _reject(send, 503, protocol.UNAVAILABLE,
+                          f"The server is {self.service.state.value}; retry shortly.")
+            return
+        await send({"type": "websocket.accept"})
+        connection = Connection(self.service, send)
+        self.service.connections.add(connection)
+        self.service.metrics.connections.inc()
+        try:
+            await connection.run(receive)
+        finally:
+            self.service.connections.discard(connection)
+            self.service.metrics.connections.dec()
+
+    # -- HTTP --------------------------------------------------------------------------
+    async def _http(self, scope: Scope, receive: Any, send: Any) -> None:
+        path, method = scope["path"], scope["method"]
+        routes = {"/cos": "POST", "/healthz": "GET", "/info": "GET", "/metrics": "GET"}
+        if path not in routes:
+            await _error(send, "not_found", f"No route {path}; see /info, /cos, /ws, /healthz, /metrics.")
+        elif method != routes[path] and not (method == "HEAD" and routes[path] == "GET"):
+            await _error(send, "method_not_allowed", f"{path} takes {routes[path]}, not {method}.")
+        elif path == "/cos":
+            await self._cos(receive, send)
+        elif path == "/healthz":
+            state = self.service.state
+            await _respond(send, 200 if state is State.READY else 503, {"status": state.value})
+        elif path == "/info":
+            await _respond(send, 200, {**self.service.info, "state": self.service.state.value})
+        else:
+            await _respond(send, 200, self.service.metrics.render(),
+                           [(b"content-type", metrics_module.CONTENT_TYPE.encode())])
+
+    async def _cos(self, receive: Any, send: Any) -> None:
+        received = time.perf_counter()
+        metrics = self.service.metrics
+        try:
+            body = await _read_body(receive, self.service.settings.max_body_bytes)
+            query = self.service.require_codec().parse_cos(body)
+            future: asyncio.Future[tuple[np.ndarray, np.ndarray] | Failure] = (
+                asyncio.get_running_loop().create_future()
+            )
+            self.service.submit(query, lambda result: future.done() or future.set_result(result))
+            result = await future
+        except ProtocolError as exc:
+            result = Failure(exc.code, exc.message)
+        except Exception:
+            log.exception("Handling POST /cos failed.")
+            result = Failure(protocol.INTERNAL, "The server failed on this request.")
+        if isinstance(result, Failure):
+            await _error(send, result.code, result.message)
+            outcome = result.code
+        else:
+            await _respond(send, 200, protocol.Codec.encode_cos(*result))
+            outcome = "ok"
+            metrics.queries.inc()
+        metrics.requests.labels("cos", outcome).inc()
+        metrics.latency_seconds.labels("cos").observe(time.perf_counter() - received)
+
+
+async def _read_body(receive: Any, limit: int) -> bytes:
+    parts, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ProtocolError(protocol.BAD_REQUEST, "The client disconnected mid-body.")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise ProtocolError("too_large", f"The body exceeds the limit of {limit} bytes.")
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+async def _respond(send: Any, status: int, body: object, headers: list | None = None) -> None:
+    data = body if isinstance(body, bytes) else orjson.dumps(body)
+    await send({"type": "http.response.start", "status": status,
+                "headers": (headers or JSON_HEADERS) + [(b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+async def _error(send: Any, code: str, message: str) -> None:
+    await _respond(send, HTTP_STATUS.get(code, 400), {"error": {"code": code, "message": message}})
+
+
+async def _reject(send: Any, status: int, code: str, message: str) -> None:
+    """Refuse a WebSocket handshake with an HTTP status and a JSON body."""
+    body = orjson.dumps({"error": {"code": code, "message": message}})
+    await send({"type": "websocket.http.response.start", "status": status, "headers": JSON_HEADERS})
+    await send({"type": "websocket.http.response.body", "body": body})

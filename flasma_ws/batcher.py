@@ -1,0 +1,278 @@
+"""The global dynamic batcher: the only bridge between the event loop and the engine thread.
+
+Every connection (and POST /cos) submits here. One engine thread computes one batch at a
+time; while it does, new requests gather, and the moment it finishes the next batch (up to
+max_batch query rows, oldest first) is handed over before the previous answers are sent.
+An idle server runs a lone request at once; `max_wait_ms` trades latency for fuller batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from . import protocol
+from .errors import EngineError
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class SearchEngine(Protocol):
+    max_k: int
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class Owner(Protocol):
+    """Whoever submitted a request; requests of an owner that is gone are skipped."""
+
+    alive: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    code: str
+    message: str
+
+
+Answer = Callable[["tuple[np.ndarray, np.ndarray] | Failure"], None]
+
+
+@dataclass(slots=True, eq=False)
+class Pending:
+    """One submitted request of `count` query rows, answered once all rows are computed."""
+
+    vectors: np.ndarray
+    k: int
+    deadline: float
+    answer: Answer
+    owner: Owner | None
+    started: int = 0  # rows already handed to the engine
+    finished: int = 0
+    rows: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    failed: Failure | None = None
+
+    @property
+    def count(self) -> int:
+        return int(self.vectors.shape[0])
+
+    def store(self, start: int, rows: np.ndarray, scores: np.ndarray) -> None:
+        if self.rows is None:
+            self.rows = np.empty((self.count, self.k), np.int64)
+            self.scores = np.empty((self.count, self.k), np.float32)
+        assert self.scores is not None
+        self.rows[start : start + rows.shape[0]] = rows[:, : self.k]
+        self.scores[start : start + rows.shape[0]] = scores[:, : self.k]
+
+
+@dataclass(slots=True)
+class Slice:
+    pending: Pending
+    start: int
+    stop: int
+
+
+@dataclass
+class Batch:
+    slices: list[Slice] = field(default_factory=list)
+    rows: int = 0
+
+
+class Overloaded(Exception):
+    """The queue is full; the caller answers `overloaded` at once."""
+
+
+class Batcher:
+    def __init__(
+        self,
+        engine: SearchEngine,
+        metrics: Metrics,
+        max_batch: int = 128,
+        queue_size: int = 8192,
+        max_wait_ms: float = 0.0,
+    ) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.max_batch = max_batch
+        self.queue_size = queue_size
+        self.max_wait_s = max_wait_ms / 1000
+        self._queue: deque[Pending] = deque()
+        self._queued_rows = 0
+        self._work = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="flasma-engine")
+        self._task: asyncio.Task[None] | None = None
+
+    # -- submitting (event loop) --------------------------------------------------------
+    def submit(self, vectors: np.ndarray, k: int, deadline: float, answer: Answer,
+               owner: Owner | None = None) -> None:
+        """Queue a request; raises Overloaded when the queue cannot take all its rows."""
+        count = vectors.shape[0]
+        if self._queued_rows + count > self.queue_size:
+            raise Overloaded(
+                f"The server is at capacity ({self._queued_rows} queries queued, limit "
+                f"{self.queue_size}); retry shortly."
+            )
+        self._queue.append(Pending(vectors, k, deadline, answer, owner))
+        self._queued_rows += count
+        self.metrics.queue_depth.set(self._queued_rows)
+        self._idle.clear()
+        self._work.set()
+
+    @property
+    def queued(self) -> int:
+        return self._queued_rows
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="flasma-batcher")
+
+    async def drain(self) -> None:
+        """Wait until every queued request has been answered."""
+        await self._idle.wait()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    # -- the loop ----------------------------------------------------------------------
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        running: tuple[Batch, asyncio.Future[list[Failure | None]]] | None = None
+        while True:
+            if running is None:
+                await self._work.wait()
+                if self.max_wait_s and self._queued_rows < self.max_batch:
+                    await self._gather_more()
+                batch = self._take()
+                if batch is not None:
+                    running = (batch, loop.run_in_executor(self._executor, self._compute, batch))
+                elif not self._queue:
+                    self._idle.set()
+                continue
+            batch, future = running
+            try:
+                failures = await future
+            except Exception:  # _compute answers its own failures; this is a bug guard
+                log.exception("The engine thread raised unexpectedly.")
+                failures = [Failure(protocol.INTERNAL, "The server failed on this request.")] * len(
+                    batch.slices
+                )
+            # Hand the engine its next batch before spending loop time on answers.
+            following = self._take()
+            running = None
+            if following is not None:
+                running = (following, loop.run_in_executor(self._executor, self._compute, following))
+            self._deliver(batch, failures)
+            if running is None and not self._queue:
+                self._idle.set()
+
+    async def _gather_more(self) -> None:
+        deadline = time.monotonic() + self.max_wait_s
+        while self._queued_rows < self.max_batch and (left := deadline - time.monotonic()) > 0:
+            self._work.clear()
+            try:
+                await asyncio.wait_for(self._work.wait(), left)
+            except asyncio.TimeoutError:
+                break
+
+    def _take(self) -> Batch | None:
+        """Up to max_batch rows, oldest first; skips requests of gone owners and expired ones."""
+        batch, now = Batch(), time.monotonic()
+        while self._queue and batch.rows < self.max_batch:
+            pending = self._queue[0]
+            if pending.started == 0 and self._drop_if_stale(pending, now):
+                continue
+            take = min(pending.count - pending.started, self.max_batch - batch.rows)
+            batch.slices.append(Slice(pending, pending.started, pending.started + take))
+            pending.started += take
+            batch.rows += take
+            if pending.started == pending.count:
+                self._queue.popleft()
+        self._queued_rows -= batch.rows
+        self.metrics.queue_depth.set(self._queued_rows)
+        if not self._queue:
+            self._work.clear()
+        return batch if batch.slices else None
+
+    def _drop_if_stale(self, pending: Pending, now: float) -> bool:
+        if pending.owner is not None and not pending.owner.alive:
+            self.metrics.skipped.inc(pending.count)
+        elif now > pending.deadline:
+            pending.answer(Failure(protocol.TIMEOUT, "The deadline passed before the query ran."))
+        else:
+            return False
+        self._queue.popleft()
+        self._queued_rows -= pending.count
+        return True
+
+    # -- the engine thread -------------------------------------------------------------
+    def _compute(self, batch: Batch) -> list[Failure | None]:
+        """Runs in the engine thread: one search for the whole batch, split on failure."""
+        vectors = np.concatenate([s.pending.vectors[s.start : s.stop] for s in batch.slices])
+        k = max(s.pending.k for s in batch.slices)
+        started = time.perf_counter()
+        rows, scores, ok = self._search_split(vectors, k)
+        self.metrics.engine_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(batch.rows)
+        failures: list[Failure | None] = []
+        offset = 0
+        for s in batch.slices:
+            width = s.stop - s.start
+            if ok[offset : offset + width].all():
+                s.pending.store(s.start, rows[offset : offset + width], scores[offset : offset + width])
+                failures.append(None)
+            else:
+                failures.append(Failure(protocol.INTERNAL, "The engine failed on this query."))
+            offset += width
+        return failures
+
+    def _search_split(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Search; if the engine fails (out of memory, say), retry each half on its own."""
+        try:
+            rows, scores = self.engine.search(vectors, k)
+            return rows, scores, np.ones(len(vectors), bool)
+        except EngineError as exc:
+            if len(vectors) == 1:
+                log.error("The engine failed on a single query: %s", exc)
+                return np.zeros((1, k), np.int64), np.zeros((1, k), np.float32), np.zeros(1, bool)
+            log.warning("The engine failed on a batch of %d; retrying in halves: %s", len(vectors), exc)
+        except Exception:
+            log.exception("Unexpected engine failure on a batch of %d.", len(vectors))
+            if len(vectors) == 1:
+                return np.zeros((1, k), np.int64), np.zeros((1, k), np.float32), np.zeros(1, bool)
+        half = len(vectors) // 2
+        first, second = self._search_split(vectors[:half], k), self._search_split(vectors[half:], k)
+        return tuple(np.concatenate(pair) for pair in zip(first, second))  # type: ignore[return-value]
+
+    # -- answering (event loop) --------------------------------------------------------
+    def _deliver(self, batch: Batch, failures: list[Failure | None]) -> None:
+        for s, failure in zip(batch.slices, failures):
+            pending = s.pending
+            pending.finished += s.stop - s.start
+            if failure is not None and pending.failed is None:
+                pending.failed = failure
+            if pending.finished < pending.count:
+                continue
+            if pending.owner is not None and not pending.owner.alive:
+                continue  # its connection is gone: nobody to answer
+            try:
+                if pending.failed is not None:
+                    pending.answer(pending.failed)
+                else:
+                    assert pending.rows is not None and pending.scores is not None
+                    pending.answer((pending.rows, pending.scores))
+            except Exception:
+                log.exception("Answering a request failed.")

@@ -1,0 +1,42 @@
+"""Prometheus metrics, one registry per server so that several servers can share a process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401  (re-exported)
+from prometheus_client import disable_created_metrics
+
+disable_created_metrics()  # the *_created series only add noise to every scrape
+
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "flasma_requests", "Requests answered, by route and outcome (ok or error code).",
+            ["route", "outcome"], registry=r,
+        )
+        self.queries = Counter("flasma_queries", "Query vectors answered.", registry=r)
+        self.queue_depth = Gauge("flasma_queue_depth", "Query rows waiting for the engine.", registry=r)
+        self.batch_size = Histogram(
+            "flasma_batch_size", "Query rows per engine batch.", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.engine_seconds = Histogram(
+            "flasma_engine_seconds", "Engine time per batch.", buckets=LATENCY_BUCKETS_S, registry=r
+        )
+        self.latency_seconds = Histogram(
+            "flasma_request_latency_seconds", "From request received to answer sent, by route.",
+            ["route"], buckets=LATENCY_BUCKETS_S, registry=r,
+        )
+        self.connections = Gauge("flasma_open_connections", "Open WebSocket connections.", registry=r)
+        self.skipped = Counter(
+            "flasma_skipped_queries", "Queued queries skipped because their client left.", registry=r
+        )
+        self.ready = Gauge("flasma_ready", "1 once the engine is warm and serving.", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,151 @@
+"""The listener: uvicorn drives our ASGI app on one port (HTTP via httptools, WebSocket via the
+websockets library's sans-I/O protocol), and we own shutdown.
+
+Shutdown on SIGTERM/SIGINT, in order: /healthz turns 503 and the listening socket closes;
+everything queued is answered; every WebSocket closes with 1001; the process exits 0. A
+second signal, or `drain_timeout_s`, cuts the drain short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+from types import FrameType
+
+import uvicorn
+
+from .app import App
+from .errors import FlasmaError
+from .service import Service
+from .settings import Settings
+
+log = logging.getLogger("flasma_ws")
+
+
+def uvicorn_config(settings: Settings, app: App) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        http="httptools",
+        ws="websockets-sansio",
+        ws_max_size=settings.max_frame_bytes,
+        ws_per_message_deflate=settings.ws_compression,
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=max(settings.drain_timeout_s, 0.1),
+    )
+
+
+class FlasmaServer(uvicorn.Server):
+    def __init__(self, settings: Settings, started: float | None = None) -> None:
+        self.service = Service(settings, started)
+        self.service.on_fatal = self._fatal
+        self.settings = settings
+        self.fatal: FlasmaError | None = None
+        self._draining: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        super().__init__(uvicorn_config(settings, App(self.service)))
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with port 0)."""
+        return int(self.servers[0].sockets[0].getsockname()[1])
+
+    def _fatal(self, exc: FlasmaError) -> None:
+        self.fatal = exc
+        self.should_exit = True
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """Signal handler (main thread): first signal drains, a second one forces exit.
+
+        Unlike uvicorn's, it does not re-raise the signal afterwards, so a drain exits 0.
+        """
+        if self._draining is not None or self._loop is None:
+            self.force_exit = True
+            self.should_exit = True
+            return
+        self._loop.call_soon_threadsafe(self.begin_drain)
+
+    def begin_drain(self) -> None:
+        if self._draining is None:
+            self._draining = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        log.info("Draining: answering queued requests, then closing connections.")
+        for listener in self.servers:
+            listener.close()  # stop accepting
+        try:
+            await asyncio.wait_for(self.service.drain(), self.settings.drain_timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("Drain timeout (%.1f s) passed; closing anyway.", self.settings.drain_timeout_s)
+        self.should_exit = True
+
+
+def serve(settings: Settings, started: float | None = None) -> None:
+    """Run until a signal drains the server; raises the FlasmaError that stopped loading."""
+    server = FlasmaServer(settings, started)
+    server.run()
+    if server.fatal is not None:
+        raise server.fatal
+
+
+class BackgroundServer:
+    """A real server in a thread of this process, on a loopback port: for tests and embedding.
+
+        with BackgroundServer(settings) as server:
+            server.url  # ws://127.0.0.1:PORT/ws
+    """
+
+    def __init__(self, settings: Settings, ready_timeout_s: float = 120.0) -> None:
+        self.server = FlasmaServer(settings.replace(host="127.0.0.1", port=settings.port or 0))
+        self.ready_timeout_s = ready_timeout_s
+        self._thread = threading.Thread(target=self.server.run, name="flasma-server", daemon=True)
+
+    @property
+    def service(self) -> Service:
+        return self.server.service
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.server.port}/ws"
+
+    def start(self) -> BackgroundServer:
+        self._thread.start()
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.server.fatal is not None:
+                raise self.server.fatal
+            if self.server.started and self.service.state.value == "ready":
+                return self
+            if not self._thread.is_alive():
+                raise FlasmaError("The server thread ended before it was ready.")
+            time.sleep(0.02)
+        raise FlasmaError(f"The server was not ready within {self.ready_timeout_s} s.")
+
+    def drain(self) -> None:
+        """What SIGTERM does, for a server in a thread."""
+        assert self.server._loop is not None
+        self.server._loop.call_soon_threadsafe(self.server.begin_drain)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout_s)
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

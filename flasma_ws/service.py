@@ -1,0 +1,152 @@
+"""The running service's state: vectors, engine, codec and batcher, built from one Settings.
+
+No sockets here: the ASGI app (app.py) routes requests to `Service.submit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import protocol
+from .batcher import Answer, Batcher, Failure, Overloaded, Owner
+from .errors import FlasmaError, ProtocolError
+from .metrics import Metrics
+from .protocol import Codec, Query
+from .settings import Settings
+
+log = logging.getLogger("flasma_ws")
+
+
+class State(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    DRAINING = "draining"
+    FAILED = "failed"
+
+
+class Service:
+    def __init__(self, settings: Settings, started: float | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.state = State.LOADING
+        self.started = started if started is not None else time.perf_counter()
+        self.engine: Any = None
+        self.codec: Codec | None = None
+        self.batcher: Batcher | None = None
+        self.info: dict[str, object] = {"state": "loading"}
+        self.load_error: FlasmaError | None = None
+        self.on_fatal: Callable[[FlasmaError], None] | None = None
+        self.connections: set[Any] = set()
+
+    # -- start-up ----------------------------------------------------------------------
+    async def load(self) -> None:
+        """Load vectors and warm the engine off the event loop, then start batching."""
+        try:
+            engine = await asyncio.get_running_loop().run_in_executor(None, self._build_engine)
+        except FlasmaError as exc:
+            self._fail(exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - the log names it, the process exits 1
+            log.exception("Loading failed unexpectedly.")
+            self._fail(FlasmaError(f"Loading failed unexpectedly: {exc}"))
+            return
+        s = self.settings
+        self.engine = engine
+        self.codec = Codec(engine.dim, engine.n, s.top_k, engine.max_k, s.max_queries_per_frame)
+        self.batcher = Batcher(engine, self.metrics, s.max_batch, s.queue_size, s.max_wait_ms)
+        self.batcher.start()
+        self.info = self._describe(engine)
+        self.state = State.READY
+        self.metrics.ready.set(1)
+        log.info(
+            "Ready on %s:%d: %d vectors of dim %d (%s) on %s as %s, %.2f s from start.",
+            s.host, s.port, engine.n, engine.dim, self.info["source"], engine.device, s.dtype,
+            time.perf_counter() - self.started,
+        )
+
+    def _build_engine(self) -> Any:
+        from .engine import Engine, EngineConfig  # TensorFlow loads here, off the event loop
+        from .vectors import open_targets
+
+        s = self.settings
+        loaded = time.perf_counter()
+        targets = open_targets(s.npy, s.dim, s.demo_size, s.demo_seed, s.drop_zero)
+        if s.npy is None:
+            log.info("No --npy given: serving a generated demo set of %d x %d (seed %d).",
+                     s.demo_size, s.dim, s.demo_seed)
+        if targets.zero_rows:
+            log.info("Skipped %d zero-norm rows (--drop-zero).", targets.zero_rows)
+        config = EngineConfig(max_batch=s.max_batch, max_k=s.max_k, top_k=s.top_k,
+                              device=s.device, dtype=s.dtype, block_size=s.block_size)
+        engine = Engine(targets, config)
+        copied = time.perf_counter()
+        warm = engine.warmup()
+        log.info("Loaded and copied to %s in %.2f s; warmed %d batch sizes in %.2f s.",
+                 engine.device, copied - loaded, len(engine.buckets), warm)
+        return engine
+
+    def _describe(self, engine: Any) -> dict[str, object]:
+        s = self.settings
+        return {
+            "n": engine.n, "dim": engine.dim, "dtype": s.dtype, "device": engine.device,
+            "max_batch": s.max_batch, "top_k": s.top_k, "max_k": engine.max_k,
+            "source": "demo" if s.npy is None else str(Path(s.npy)),
+            "demo": None if s.npy is not None
+            else {"size": s.demo_size, "seed": s.demo_seed, "dim": s.dim},
+            "drop_zero": s.drop_zero, "zero_rows_dropped": engine.targets.zero_rows,
+            "max_queries_per_frame": s.max_queries_per_frame,
+            "binary_header_bytes": protocol.BINARY_HEADER.size,
+        }
+
+    def _fail(self, exc: FlasmaError) -> None:
+        self.state = State.FAILED
+        self.load_error = exc
+        log.error("%s", exc)
+        if self.on_fatal is not None:
+            self.on_fatal(exc)
+
+    # -- requests ----------------------------------------------------------------------
+    def submit(self, query: Query, answer: Answer, owner: Owner | None = None) -> None:
+        """Queue a validated query; problems are answered through `answer`, never raised."""
+        if self.state is not State.READY or self.batcher is None:
+            what = "still loading" if self.state is State.LOADING else "shutting down"
+            answer(Failure(protocol.UNAVAILABLE, f"The server is {what}; retry shortly."))
+            return
+        timeout_ms = query.timeout_ms or self.settings.timeout_ms
+        try:
+            self.batcher.submit(query.vectors, query.k, time.monotonic() + timeout_ms / 1000,
+                                answer, owner)
+        except Overloaded as exc:
+            answer(Failure(protocol.OVERLOADED, str(exc)))
+
+    def require_codec(self) -> Codec:
+        if self.codec is None:
+            raise ProtocolError(protocol.UNAVAILABLE, "The server is still loading; retry shortly.")
+        return self.codec
+
+    # -- shutdown ----------------------------------------------------------------------
+    async def drain(self) -> None:
+        """Stop taking requests, answer all queued ones, then close every connection (1001)."""
+        self.state = State.DRAINING
+        self.metrics.ready.set(0)
+        if self.batcher is not None:
+            await self.batcher.drain()
+        await asyncio.gather(*(c.close_after_flush(1001) for c in list(self.connections)),
+                             return_exceptions=True)
+
+    async def close(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.close()
+
+
+def as_arrays(result: tuple[np.ndarray, np.ndarray] | Failure) -> tuple[np.ndarray, np.ndarray]:
+    assert not isinstance(result, Failure)
+    return result
