@@ -73,36 +73,48 @@ def open_demo(n: int, dim: int, seed: int = 0) -> VectorSource:
 def open_npy(path: str | Path, dim: int | None = None) -> VectorSource:
     """Open a standard (N, dim) or legacy (dim*N,) `.npy` memory-mapped, checking its shape."""
     path = Path(path)
-    array = _load_npy(path)
+    return source_from_array(_load_npy(path), str(path), dim)
+
+
+def source_from_array(array: np.ndarray, label: str, dim: int | None = None) -> VectorSource:
+    """Check the dtype and shape of a 2-D (standard) or 1-D (legacy) array and wrap it.
+
+    Shared by `open_npy` and the readers in `formats` (.npz members, .fvecs, .hdf5).
+    """
     if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-        raise VectorFileError(f"{path} holds {array.dtype} values; expected floating-point numbers.")
+        raise VectorFileError(
+            f"{label} holds {array.dtype} values; expected floating-point numbers."
+        )
     if array.ndim == 2:
         n, file_dim = array.shape
         if dim is not None and dim != file_dim:
             raise VectorFileError(
-                f"{path} has rows of dimension {file_dim}, but --dim is {dim}; "
+                f"{label} has rows of dimension {file_dim}, but --dim is {dim}; "
                 f"drop --dim or pass --dim {file_dim}."
             )
         layout: Layout = "standard"
     elif array.ndim == 1:
         if dim is None:
             raise VectorFileError(
-                f"{path} is 1-D (a Flasma legacy file of length dim*N); pass --dim to read it."
+                f"{label} is 1-D (a Flasma legacy file of length dim*N); pass --dim to read it."
             )
         if array.shape[0] % dim:
             raise VectorFileError(
-                f"{path} has {array.shape[0]} values, which is not a multiple of --dim {dim}; "
+                f"{label} has {array.shape[0]} values, which is not a multiple of --dim {dim}; "
                 "check --dim."
             )
         n, file_dim, layout = array.shape[0] // dim, dim, "legacy"
     else:
         raise VectorFileError(
-            f"{path} is {array.ndim}-D with shape {array.shape}; expected (N, dim) or a "
+            f"{label} is {array.ndim}-D with shape {array.shape}; expected (N, dim) or a "
             "1-D Flasma legacy array. Reshape it to (N, dim) and save it again."
         )
     if n == 0 or file_dim == 0:
-        raise VectorFileError(f"{path} holds no vectors (shape {array.shape}).")
-    return VectorSource(n=n, dim=file_dim, layout=layout, label=str(path), array=array)
+        raise VectorFileError(
+            f"{label} holds no vectors (shape {array.shape}); give a file with at least one "
+            "non-empty row."
+        )
+    return VectorSource(n=n, dim=file_dim, layout=layout, label=label, array=array)
 
 
 def _load_npy(path: Path) -> np.ndarray:
