@@ -109,13 +109,17 @@ class Engine:
         self._load(progress)
         self._functions: dict[int, Callable[..., tuple[tf.Tensor, tf.Tensor]]] = {}
         self._trace = tf.function(self._search_graph, jit_compile=False, autograph=False)
+        self._matmul_functions: dict[int, Callable[..., tf.Tensor]] = {}
+        self._matmul_trace = tf.function(self._matmul_graph, jit_compile=False, autograph=False)
 
     # -- loading -----------------------------------------------------------------------
     def _load(self, progress: Callable[[int], None] | None) -> None:
         """Copy normalized chunks straight into device variables: no full host copy."""
         try:
             with tf.device(self.device):
-                self._main = tf.Variable(tf.zeros((self.n_main, self.dim), self.dtype), trainable=False)
+                self._main = tf.Variable(
+                    tf.zeros((self.n_main, self.dim), self.dtype), trainable=False
+                )
                 self._tail = tf.Variable(
                     tf.zeros((self.n - self.n_main, self.dim), self.dtype), trainable=False
                 )
@@ -140,12 +144,25 @@ class Engine:
             self._tail[start - self.n_main : stop - self.n_main].assign(values)
 
     # -- the graph ---------------------------------------------------------------------
-    def _search_graph(self, queries: tf.Tensor, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        batch = tf.shape(queries)[0]
+    def _normalized(self, queries: tf.Tensor) -> tf.Tensor:
         # Scale by the largest component first so the squares cannot overflow float32.
         scale = tf.reduce_max(tf.abs(queries), axis=1, keepdims=True)
         q = tf.math.l2_normalize(tf.math.divide_no_nan(queries, scale), axis=1)
-        q = tf.cast(q, self.dtype)
+        return tf.cast(q, self.dtype)
+
+    def _matmul_graph(self, queries: tf.Tensor) -> tf.Tensor:
+        """Normalize and score against every row like `_search_graph`, then only a row max."""
+        q = self._normalized(queries)
+        best = []
+        if self.n_blocks:
+            best.append(tf.reduce_max(tf.matmul(q, self._main, transpose_b=True), axis=1))
+        if self.n > self.n_main:
+            best.append(tf.reduce_max(tf.matmul(q, self._tail, transpose_b=True), axis=1))
+        return tf.cast(tf.reduce_max(tf.stack(best), axis=0), tf.float32)
+
+    def _search_graph(self, queries: tf.Tensor, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        batch = tf.shape(queries)[0]
+        q = self._normalized(queries)
         scores, columns = [], []
         if self.n_blocks:
             s = tf.cast(tf.matmul(q, self._main, transpose_b=True), tf.float32)
@@ -199,8 +216,10 @@ class Engine:
             raise EngineError(f"Queries must have shape (B, {self.dim}), got {queries.shape}.")
         if not 1 <= k <= self.max_k:
             raise EngineError(f"k must be between 1 and {self.max_k}, got {k}.")
-        pieces = [self._search_piece(queries[i : i + self.buckets[-1]], k)
-                  for i in range(0, max(queries.shape[0], 1), self.buckets[-1])]
+        pieces = [
+            self._search_piece(queries[i : i + self.buckets[-1]], k)
+            for i in range(0, max(queries.shape[0], 1), self.buckets[-1])
+        ]
         rows = np.concatenate([p[0] for p in pieces]) if len(pieces) > 1 else pieces[0][0]
         scores = np.concatenate([p[1] for p in pieces]) if len(pieces) > 1 else pieces[0][1]
         return self.targets.original_index(rows), scores
@@ -221,6 +240,26 @@ class Engine:
             ) from exc
         except tf.errors.OpError as exc:
             raise EngineError(f"TensorFlow failed on a batch of {batch}: {exc.message}") from exc
+
+    def matmul_only(self, queries: np.ndarray) -> np.ndarray:
+        """Each query's best score, from the same normalize-and-matmul as `search` but no top-k.
+
+        The bench's ceiling: every call pays what `search` pays (conversion, padding to the
+        bucket, the call, scoring all N rows, a fetch to the host) except selecting the top k.
+        `queries` is one piece, at most max_batch rows.
+        """
+        batch = queries.shape[0]
+        bucket = self.bucket_for(batch)
+        fn = self._matmul_functions.get(bucket)
+        if fn is None:
+            with tf.device(self.device):
+                fn = self._matmul_trace.get_concrete_function(
+                    tf.TensorSpec((bucket, self.dim), tf.float32)
+                )
+            self._matmul_functions[bucket] = fn
+        if batch < bucket:
+            queries = np.concatenate([queries, np.zeros((bucket - batch, self.dim), np.float32)])
+        return fn(tf.constant(queries, tf.float32)).numpy()[:batch]
 
     def describe(self) -> dict[str, object]:
         return {

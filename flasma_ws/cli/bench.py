@@ -1,3 +1,134 @@
-"""flasma-ws bench (placeholder)."""
+"""`flasma-ws bench`: engine q/s on generated data, rows = batch sizes, columns = dimensions."""
 
-from . import app  # noqa: F401
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..errors import FlasmaError
+from . import app, fail
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ..bench import BenchConfig, Result
+
+console = Console()
+
+
+@app.command()
+def bench(
+    batches: Annotated[
+        str, typer.Option(help="Batch sizes (rows); '1,2,...,128' doubles up to 128.")
+    ] = "1,2,4,...,128",
+    dims: Annotated[str, typer.Option(help="Vector dimensions (columns).")] = (
+        "100,300,512,768,1024,2048"
+    ),
+    n: Annotated[int, typer.Option(help="Rows of the generated target matrix.")] = 100_000,
+    k: Annotated[int, typer.Option(help="Results per query.")] = 10,
+    dtype: Annotated[str, typer.Option(help="Stored matrix type: float32, float16, bfloat16.")] = (
+        "float32"
+    ),
+    device: Annotated[str, typer.Option(help="TensorFlow device: auto, cpu, gpu:N.")] = "auto",
+    seconds: Annotated[float, typer.Option(help="Timed seconds per cell and per method.")] = 1.0,
+    compare: Annotated[
+        bool,
+        typer.Option(
+            help="Also time TensorFlow matmul-only (the ceiling) and FAISS IndexFlatIP "
+            "(needs flasma-ws[bench]) on the same data."
+        ),
+    ] = False,
+    json_out: Annotated[
+        Path | None, typer.Option(help="Write the results as JSON to this file.")
+    ] = None,
+    markdown: Annotated[bool, typer.Option(help="Print Markdown tables instead.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the generated matrix and queries.")] = 0,
+) -> None:
+    """Measure exact top-k q/s in-process, beside Flasma's published RTX 3090 figures."""
+    from .. import bench as lib  # TensorFlow loads only when benchmarking
+
+    try:
+        config = lib.BenchConfig(
+            batches=lib.parse_int_list(batches, "--batches"),
+            dims=lib.parse_int_list(dims, "--dims"),
+            n=n,
+            k=k,
+            dtype=dtype,
+            device=device,
+            seconds=seconds,
+            compare=compare,
+            seed=seed,
+        )
+        faiss = lib.load_faiss() if compare else None
+        if compare and faiss is None:
+            console.print(
+                "[yellow]FAISS is not installed: comparing with TensorFlow matmul-only alone. "
+                "Install it with: pip install 'flasma-ws[bench]'[/yellow]"
+            )
+        results = _run(config, faiss)
+    except FlasmaError as exc:
+        fail(exc)
+    _print(config, results, markdown)
+    if json_out is not None:
+        json_out.write_text(json.dumps(lib.report(config, results), indent=2) + "\n")
+        console.print(f"Wrote {json_out}")
+
+
+def _run(config: BenchConfig, faiss: object | None) -> list[Result]:
+    from .. import bench as lib
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("starting", total=config.cells)
+
+        def update(what: str, done: int) -> None:
+            progress.update(task, description=what, completed=done)
+
+        return list(lib.run_bench(config, update, faiss))
+
+
+def _print(config: BenchConfig, results: list[Result], markdown: bool) -> None:
+    from .. import bench as lib
+
+    if not results:
+        return
+    first = results[0]
+    head = f"N={config.n:,}, k={config.k}, {first.dtype} on {first.device}"
+    tables: list[tuple[str, Callable[[Result], str]]] = [
+        (f"Engine q/s ({head}; Flasma RTX 3090 in brackets)", lib.engine_cell)
+    ]
+    if config.compare:
+        tables.append(
+            ("TensorFlow matmul-only q/s (ceiling)", lambda r: lib.format_qps(r.matmul_qps))
+        )
+        tables.append(("engine / matmul-only", lambda r: lib.format_ratio(r.over_matmul)))
+        if any(r.faiss_qps is not None for r in results):
+            tables.append(("FAISS IndexFlatIP q/s", lambda r: lib.format_qps(r.faiss_qps)))
+            tables.append(("engine / FAISS", lambda r: lib.format_ratio(r.over_faiss)))
+    for title, cell in tables:
+        if markdown:
+            typer.echo(f"\n**{title}**\n\n{lib.markdown_table(results, cell)}")
+        else:
+            console.print(f"\n[bold]{title}[/bold]")
+            console.print(_rich_table(*lib.grid(results, cell)))
+
+
+def _rich_table(batches: list[int], dims: list[int], cells: dict[tuple[int, int], str]) -> Table:
+    table = Table()
+    table.add_column("batch", justify="right", style="bold")
+    for d in dims:
+        table.add_column(f"d={d}", justify="right")
+    for b in batches:
+        table.add_row(str(b), *(cells.get((b, d), "") for d in dims))
+    return table

@@ -1,0 +1,292 @@
+"""In-process throughput of the engine on generated data, optionally beside its ceiling and FAISS.
+
+For each dimension one demo matrix is built once; for each batch size the same queries go to
+  - the engine (`Engine.search`, exact top-k),
+  - TensorFlow matmul-only (`Engine.matmul_only`: the engine's own conversion, call, normalize
+    and matmul over all N rows, then just a row max fetched to the host; the ceiling for any
+    exact top-k on the same device and dtype), and
+  - FAISS `IndexFlatIP` (exact, float32, CPU, its default OpenMP threads) over the same
+    normalized rows with the same normalized queries.
+Each is called once untimed first, then repeatedly for `seconds`; q/s = queries / wall time.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .engine import Engine, EngineConfig
+from .errors import ConfigError
+from .settings import DTYPES
+from .vectors import Targets, load_matrix, open_targets
+
+DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
+DEFAULT_DIMS = (100, 300, 512, 768, 1024, 2048)
+
+# Flasma's published q/s on an RTX 3090 (N=100k, k=10), keyed by (batch, dim): shown beside ours.
+FLASMA_RTX3090: dict[tuple[int, int], float] = {
+    (1, 100): 393,
+    (128, 100): 4424,
+    (1, 768): 365,
+    (16, 768): 655,
+    (1, 2048): 192,
+    (4, 2048): 260,
+}
+
+Progress = Callable[[str, int], None]  # (what runs now, cells finished so far)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    batches: tuple[int, ...] = DEFAULT_BATCHES
+    dims: tuple[int, ...] = DEFAULT_DIMS
+    n: int = 100_000
+    k: int = 10
+    dtype: str = "float32"
+    device: str = "auto"
+    seconds: float = 1.0
+    compare: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.batches or min(self.batches) < 1:
+            raise ConfigError("--batches must list batch sizes of at least 1, e.g. 1,8,128.")
+        if not self.dims or min(self.dims) < 1:
+            raise ConfigError("--dims must list dimensions of at least 1, e.g. 100,768.")
+        if self.n < 1:
+            raise ConfigError(f"--n must be at least 1, got {self.n}.")
+        if not 1 <= self.k <= self.n:
+            raise ConfigError(f"--k must be between 1 and --n ({self.n}), got {self.k}.")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
+        if not self.seconds > 0:
+            raise ConfigError(f"--seconds must be positive, got {self.seconds}.")
+
+    @property
+    def cells(self) -> int:
+        return len(self.batches) * len(self.dims)
+
+
+@dataclass
+class Result:
+    batch: int
+    dim: int
+    n: int
+    k: int
+    device: str
+    dtype: str
+    qps: float
+    matmul_qps: float | None = None
+    faiss_qps: float | None = None
+    flasma_rtx3090_qps: float | None = field(default=None)
+
+    @property
+    def over_matmul(self) -> float | None:
+        return self.qps / self.matmul_qps if self.matmul_qps else None
+
+    @property
+    def over_faiss(self) -> float | None:
+        return self.qps / self.faiss_qps if self.faiss_qps else None
+
+    def to_json(self) -> dict[str, Any]:
+        out = {key: value for key, value in asdict(self).items() if value is not None}
+        if self.over_matmul is not None:
+            out["engine_over_matmul"] = self.over_matmul
+        if self.over_faiss is not None:
+            out["engine_over_faiss"] = self.over_faiss
+        return out
+
+
+def parse_int_list(text: str, option: str) -> tuple[int, ...]:
+    """'1,2,4' -> (1, 2, 4); '1,2,4,...,128' continues the doubling up to 128."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        if len(parts) >= 3 and parts[-2] in ("...", "…"):
+            head = [int(p) for p in parts[:-2]]
+            last, step = int(parts[-1]), head[-1] // head[-2] if len(head) > 1 else 2
+            while head[-1] * step <= last and step > 1:
+                head.append(head[-1] * step)
+            return tuple(sorted({*head, last}))
+        return tuple(int(p) for p in parts)
+    except (ValueError, IndexError, ZeroDivisionError):
+        raise ConfigError(f"{option} takes integers separated by commas, got {text!r}.") from None
+
+
+def time_calls(call: Callable[[], object], seconds: float, min_calls: int = 3) -> float:
+    """Seconds per call: one untimed call, then calls until `seconds` pass (at least min_calls)."""
+    call()
+    calls, started = 0, time.perf_counter()
+    while True:
+        call()
+        calls += 1
+        elapsed = time.perf_counter() - started
+        if elapsed >= seconds and calls >= min_calls:
+            return elapsed / calls
+
+
+def load_faiss() -> Any | None:
+    try:
+        import faiss  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return faiss
+
+
+def normalized(queries: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(queries.astype(np.float64), axis=1, keepdims=True)
+    return (queries / norms).astype(np.float32)
+
+
+class _Subject:
+    """One dimension's data and the searchers under test."""
+
+    def __init__(self, config: BenchConfig, dim: int, faiss: Any | None) -> None:
+        self.config = config
+        self.targets: Targets = open_targets(None, dim, demo_size=config.n, demo_seed=config.seed)
+        engine_config = EngineConfig(
+            max_batch=max(config.batches),
+            max_k=config.k,
+            top_k=config.k,
+            device=config.device,
+            dtype=config.dtype,
+        )
+        self.engine = Engine(self.targets, engine_config)
+        self.engine.warmup()
+        rng = np.random.default_rng([config.seed, dim])
+        self.queries = rng.standard_normal((max(config.batches), dim), dtype=np.float32)
+        self.index = None
+        if config.compare and faiss is not None:
+            self.index = faiss.IndexFlatIP(dim)
+            self.index.add(load_matrix(self.targets))
+            self.faiss_queries = normalized(self.queries)
+
+    def measure(self, batch: int) -> Result:
+        config, queries = self.config, self.queries[:batch]
+        per_call = time_calls(lambda: self.engine.search(queries, config.k), config.seconds)
+        result = Result(
+            batch=batch,
+            dim=self.targets.dim,
+            n=config.n,
+            k=config.k,
+            device=self.engine.device,
+            dtype=config.dtype,
+            qps=batch / per_call,
+            flasma_rtx3090_qps=FLASMA_RTX3090.get((batch, self.targets.dim)),
+        )
+        if config.compare:
+            per_call = time_calls(lambda: self.engine.matmul_only(queries), config.seconds)
+            result.matmul_qps = batch / per_call
+        if self.index is not None:
+            faiss_queries = self.faiss_queries[:batch]
+            per_call = time_calls(
+                lambda: self.index.search(faiss_queries, config.k), config.seconds
+            )
+            result.faiss_qps = batch / per_call
+        return result
+
+
+def run_bench(
+    config: BenchConfig, progress: Progress | None = None, faiss: Any | None = None
+) -> Iterator[Result]:
+    """Yield one Result per (dim, batch) cell, dims outermost. Pass `load_faiss()` as faiss
+    to include FAISS when `config.compare` is set."""
+    done = 0
+    for dim in config.dims:
+        if progress is not None:
+            progress(f"d={dim}: building {config.n:,} x {dim} and tracing", done)
+        subject = _Subject(config, dim, faiss)
+        for batch in config.batches:
+            if progress is not None:
+                progress(f"d={dim}: batch {batch}", done)
+            yield subject.measure(batch)
+            done += 1
+        del subject
+        gc.collect()  # free this dimension's matrices before the next one is built
+    if progress is not None:
+        progress("done", done)
+
+
+def machine() -> dict[str, Any]:
+    import tensorflow as tf
+
+    return {
+        "platform": platform.platform(),
+        "processor": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "tensorflow": tf.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def report(config: BenchConfig, results: list[Result]) -> dict[str, Any]:
+    """The JSON document `--json-out` writes."""
+    first = results[0] if results else None
+    return {
+        "device": first.device if first else config.device,
+        "dtype": config.dtype,
+        "n": config.n,
+        "k": config.k,
+        "seconds_per_cell": config.seconds,
+        "machine": machine(),
+        "matmul_qps_includes": (
+            "query conversion, padding to the bucket, the TensorFlow call, normalization, the "
+            "matmul over all N rows, a row max, and fetching B floats to the host"
+        ),
+        "results": [r.to_json() for r in results],
+    }
+
+
+def format_qps(qps: float | None) -> str:
+    if qps is None or not math.isfinite(qps):
+        return "-"
+    return f"{qps:,.0f}" if qps >= 10 else f"{qps:.1f}"
+
+
+def format_ratio(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
+
+
+def grid(
+    results: list[Result], cell: Callable[[Result], str]
+) -> tuple[list[int], list[int], dict[tuple[int, int], str]]:
+    """Batches (rows), dims (columns) and cell text, in the order measured."""
+    batches = sorted({r.batch for r in results})
+    dims = sorted({r.dim for r in results})
+    return batches, dims, {(r.batch, r.dim): cell(r) for r in results}
+
+
+def markdown_table(results: list[Result], cell: Callable[[Result], str]) -> str:
+    batches, dims, cells = grid(results, cell)
+    lines = [
+        "| batch | " + " | ".join(f"d={d}" for d in dims) + " |",
+        "|---:|" + "---:|" * len(dims),
+    ]
+    for b in batches:
+        lines.append(f"| {b} | " + " | ".join(cells.get((b, d), "") for d in dims) + " |")
+    return "\n".join(lines)
+
+
+def engine_cell(result: Result) -> str:
+    text = format_qps(result.qps)
+    if result.flasma_rtx3090_qps is not None:
+        text += f" (3090: {format_qps(result.flasma_rtx3090_qps)})"
+    return text

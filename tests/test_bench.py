@@ -1,0 +1,64 @@
+"""`flasma-ws bench` smoke test: seconds long, tiny data, no timing assertions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from flasma_ws.bench import BenchConfig, parse_int_list, time_calls
+from flasma_ws.cli import app
+from flasma_ws.errors import ConfigError
+
+
+def test_bench_compare_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    args = ["bench", "--n", "500", "--dims", "100", "--batches", "1,4", "--k", "5"]
+    args += ["--device", "cpu", "--seconds", "0.02", "--compare", "--json-out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "d=100" in result.output and "(3090: 393)" in result.output
+    report = json.loads(out.read_text())
+    assert report["dtype"] == "float32" and "CPU" in report["device"]
+    cells = report["results"]
+    assert [(c["batch"], c["dim"], c["n"], c["k"]) for c in cells] == [
+        (1, 100, 500, 5),
+        (4, 100, 500, 5),
+    ]
+    for cell in cells:
+        assert cell["qps"] > 0 and cell["matmul_qps"] > 0 and cell["faiss_qps"] > 0
+        assert cell["engine_over_matmul"] == pytest.approx(cell["qps"] / cell["matmul_qps"])
+        assert cell["engine_over_faiss"] == pytest.approx(cell["qps"] / cell["faiss_qps"])
+        assert cell["dtype"] == "float32" and cell["device"] == report["device"]
+
+
+def test_bench_markdown_without_compare() -> None:
+    args = ["bench", "--n", "300", "--dims", "8,16", "--batches", "2", "--dtype", "bfloat16"]
+    result = CliRunner().invoke(app, [*args, "--seconds", "0.01", "--markdown"])
+    assert result.exit_code == 0, result.output
+    assert "| batch | d=8 | d=16 |" in result.output
+    assert "FAISS" not in result.output
+
+
+def test_bench_bad_option_is_one_line() -> None:
+    result = CliRunner().invoke(app, ["bench", "--n", "10", "--k", "11"])
+    assert result.exit_code == 1
+    assert "--k must be between 1 and --n" in result.output
+
+
+def test_parse_int_list() -> None:
+    assert parse_int_list("1,2,4,...,128", "--batches") == (1, 2, 4, 8, 16, 32, 64, 128)
+    assert parse_int_list("1,...,8", "--batches") == (1, 2, 4, 8)
+    assert parse_int_list(" 100, 768 ", "--dims") == (100, 768)
+    with pytest.raises(ConfigError, match="--dims"):
+        parse_int_list("100,x", "--dims")
+    with pytest.raises(ConfigError):
+        BenchConfig(batches=(0,))
+
+
+def test_time_calls_makes_at_least_min_calls() -> None:
+    calls: list[int] = []
+    assert time_calls(lambda: calls.append(1), seconds=0.0, min_calls=3) >= 0
+    assert len(calls) == 4  # one untimed, three timed
