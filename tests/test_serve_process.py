@@ -1,0 +1,102 @@
+"""`flasma-ws serve` as a real process: Flasma's own request on its legacy file, and SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+import websockets
+from reference import assert_exact, pairs_to_arrays
+
+LEGACY = Path(__file__).resolve().parents[1].parent / "shared/fixtures/flasma-legacy-10000x100.npy"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(log: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    command = [sys.executable, "-m", "flasma_ws", "serve", "--host", "127.0.0.1",
+               "--port", str(port), *args]
+    with log.open("wb") as out:  # a file, not a pipe: a full pipe would stall the server
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text()
+        try:
+            if httpx.get(f"{base}/healthz").status_code == 200:
+                return process, base
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    process.kill()
+    raise AssertionError("the server did not become ready")
+
+
+@pytest.mark.skipif(not LEGACY.exists(), reason="the shared legacy fixture is not present")
+def test_flasma_request_on_legacy_file_matches_reference(tmp_path):
+    process, base = start(tmp_path / "serve.log", "--npy", str(LEGACY), "--dim", "100")
+    try:
+        embedding = [float(f"{i}.{i}") for i in range(100)]  # element i is the number "i.i"
+        body = "{\"embedding\":[" + ",".join(f"{i}.{i}" for i in range(100)) + "]}"
+        if shutil.which("curl"):
+            out = subprocess.run(
+                ["curl", "-s", "-X", "POST", f"{base}/cos", "-H", "Content-Type: application/json",
+                 "-d", body], capture_output=True, check=True, timeout=30,
+            ).stdout
+        else:
+            out = httpx.post(f"{base}/cos", content=body).content
+        result = orjson.loads(out)["result"]
+        assert len(result) == 10
+        raw = np.load(LEGACY)
+        matrix = raw.reshape(100, -1).T
+        assert_exact(matrix, np.array([embedding]), *pairs_to_arrays(result), k=10)
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def test_sigterm_answers_everything_in_flight_then_closes_1001_and_exits_0(tmp_path):
+    process, base = start(tmp_path / "serve.log", "--dim", "64", "--demo-size", "50000", "--max-batch", "32")
+    url = base.replace("http", "ws") + "/ws"
+
+    async def scenario() -> tuple[list[dict], int | None]:
+        async with websockets.connect(url) as ws:
+            rng = np.random.default_rng(0)
+            for i in range(20):  # 20 x 64 rows: many batches still queued at SIGTERM
+                frame = {"id": i, "embeddings": rng.standard_normal((64, 64)).tolist()}
+                await ws.send(orjson.dumps(frame).decode())
+            await asyncio.sleep(0.05)
+            os.kill(process.pid, signal.SIGTERM)
+            answers = []
+            try:
+                while True:
+                    answers.append(orjson.loads(await ws.recv()))
+            except websockets.ConnectionClosed as closed:
+                return answers, closed.rcvd.code if closed.rcvd else None
+
+    try:
+        answers, close_code = asyncio.run(scenario())
+        assert sorted(a["id"] for a in answers) == list(range(20))
+        assert all(len(a["results"]) == 64 for a in answers)
+        assert close_code == 1001
+        assert process.wait(30) == 0
+        assert "Draining" in (tmp_path / "serve.log").read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
