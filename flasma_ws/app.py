@@ -1,8 +1,8 @@
 """Routes: the ASGI app that uvicorn drives. Sockets and routes only; no tensors.
 
-    /ws        WebSocket, one Connection per client (docs/protocol.md)
-    POST /cos  Flasma's route: {"embedding": [...]} -> {"result": [[index, score], ...]}
-    GET /healthz, GET /info, GET /metrics
+/ws        WebSocket, one Connection per client (docs/protocol.md)
+POST /cos  Flasma's route: {"embedding": [...]} -> {"result": [[index, score], ...]}
+GET /healthz, GET /info, GET /metrics
 """
 
 from __future__ import annotations
@@ -28,8 +28,13 @@ log = logging.getLogger("flasma_ws")
 Scope = dict[str, Any]
 Message = dict[str, Any]
 HTTP_STATUS = {
-    protocol.OVERLOADED: 503, protocol.UNAVAILABLE: 503, protocol.TIMEOUT: 504,
-    protocol.INTERNAL: 500, "too_large": 413, "not_found": 404, "method_not_allowed": 405,
+    protocol.OVERLOADED: 503,
+    protocol.UNAVAILABLE: 503,
+    protocol.TIMEOUT: 504,
+    protocol.INTERNAL: 500,
+    "too_large": 413,
+    "not_found": 404,
+    "method_not_allowed": 405,
 }
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
@@ -74,16 +79,22 @@ class Connection:
         try:
             codec = self.service.require_codec()
             data = message.get("bytes")
-            query = codec.parse_binary(data) if data is not None else codec.parse_text(message["text"])
+            query = (
+                codec.parse_binary(data) if data is not None else codec.parse_text(message["text"])
+            )
             request_id = query.id
             self.service.submit(query, lambda result: self._answer(query, result, received), self)
         except ProtocolError as exc:
             self._push_error(exc.request_id, exc.code, exc.message, received)
         except Exception:
             log.exception("Handling a WebSocket frame failed.")
-            self._push_error(request_id, protocol.INTERNAL, "The server failed on this request.", received)
+            self._push_error(
+                request_id, protocol.INTERNAL, "The server failed on this request.", received
+            )
 
-    def _answer(self, query: Query, result: tuple[np.ndarray, np.ndarray] | Failure, received: float) -> None:
+    def _answer(
+        self, query: Query, result: tuple[np.ndarray, np.ndarray] | Failure, received: float
+    ) -> None:
         if isinstance(result, Failure):
             self._push_error(query.id, result.code, result.message, received)
             return
@@ -91,7 +102,9 @@ class Connection:
             frame = protocol.Codec.encode_result(query, *result)
         except Exception:
             log.exception("Encoding an answer failed.")
-            self._push_error(query.id, protocol.INTERNAL, "The server failed on this request.", received)
+            self._push_error(
+                query.id, protocol.INTERNAL, "The server failed on this request.", received
+            )
             return
         self.service.metrics.queries.inc(query.count)
         if query.binary:
@@ -99,7 +112,9 @@ class Connection:
         else:
             self._push({"type": "websocket.send", "text": frame.decode()}, received, "ok")
 
-    def _push_error(self, request_id: protocol.RequestId, code: str, text: str, received: float) -> None:
+    def _push_error(
+        self, request_id: protocol.RequestId, code: str, text: str, received: float
+    ) -> None:
         frame = protocol.Codec.encode_error(request_id, code, text).decode()
         self._push({"type": "websocket.send", "text": frame}, received, code)
 
@@ -174,8 +189,12 @@ class App:
             await _reject(send, 404, "not_found", "WebSocket connections go to /ws.")
             return
         if self.service.state is not State.READY:
-            await _reject(send, 503, protocol.UNAVAILABLE,
-                          f"The server is {self.service.state.value}; retry shortly.")
+            await _reject(
+                send,
+                503,
+                protocol.UNAVAILABLE,
+                f"The server is {self.service.state.value}; retry shortly.",
+            )
             return
         await send({"type": "websocket.accept"})
         connection = Connection(self.service, send)
@@ -192,7 +211,9 @@ class App:
         path, method = scope["path"], scope["method"]
         routes = {"/cos": "POST", "/healthz": "GET", "/info": "GET", "/metrics": "GET"}
         if path not in routes:
-            await _error(send, "not_found", f"No route {path}; see /info, /cos, /ws, /healthz, /metrics.")
+            await _error(
+                send, "not_found", f"No route {path}; see /info, /cos, /ws, /healthz, /metrics."
+            )
         elif method != routes[path] and not (method == "HEAD" and routes[path] == "GET"):
             await _error(send, "method_not_allowed", f"{path} takes {routes[path]}, not {method}.")
         elif path == "/cos":
@@ -203,8 +224,12 @@ class App:
         elif path == "/info":
             await _respond(send, 200, {**self.service.info, "state": self.service.state.value})
         else:
-            await _respond(send, 200, self.service.metrics.render(),
-                           [(b"content-type", metrics_module.CONTENT_TYPE.encode())])
+            await _respond(
+                send,
+                200,
+                self.service.metrics.render(),
+                [(b"content-type", metrics_module.CONTENT_TYPE.encode())],
+            )
 
     async def _cos(self, receive: Any, send: Any) -> None:
         received = time.perf_counter()
@@ -250,8 +275,13 @@ async def _read_body(receive: Any, limit: int) -> bytes:
 
 async def _respond(send: Any, status: int, body: object, headers: list | None = None) -> None:
     data = body if isinstance(body, bytes) else orjson.dumps(body)
-    await send({"type": "http.response.start", "status": status,
-                "headers": (headers or JSON_HEADERS) + [(b"content-length", str(len(data)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": (headers or JSON_HEADERS) + [(b"content-length", str(len(data)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": data})
 
 

@@ -115,8 +115,14 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
 
     # -- submitting (event loop) --------------------------------------------------------
-    def submit(self, vectors: np.ndarray, k: int, deadline: float, answer: Answer,
-               owner: Owner | None = None) -> None:
+    def submit(
+        self,
+        vectors: np.ndarray,
+        k: int,
+        deadline: float,
+        answer: Answer,
+        owner: Owner | None = None,
+    ) -> None:
         """Queue a request; raises Overloaded when the queue cannot take all its rows."""
         count = vectors.shape[0]
         if self._queued_rows + count > self.queue_size:
@@ -174,7 +180,10 @@ class Batcher:
             following = self._take()
             running = None
             if following is not None:
-                running = (following, loop.run_in_executor(self._executor, self._compute, following))
+                running = (
+                    following,
+                    loop.run_in_executor(self._executor, self._compute, following),
+                )
             self._deliver(batch, failures)
             if running is None and not self._queue:
                 self._idle.set()
@@ -232,14 +241,18 @@ class Batcher:
         for s in batch.slices:
             width = s.stop - s.start
             if ok[offset : offset + width].all():
-                s.pending.store(s.start, rows[offset : offset + width], scores[offset : offset + width])
+                s.pending.store(
+                    s.start, rows[offset : offset + width], scores[offset : offset + width]
+                )
                 failures.append(None)
             else:
                 failures.append(Failure(protocol.INTERNAL, "The engine failed on this query."))
             offset += width
         return failures
 
-    def _search_split(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _search_split(
+        self, vectors: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Search; if the engine fails (out of memory, say), retry each half on its own."""
         try:
             rows, scores = self.engine.search(vectors, k)
@@ -248,7 +261,9 @@ class Batcher:
             if len(vectors) == 1:
                 log.error("The engine failed on a single query: %s", exc)
                 return np.zeros((1, k), np.int64), np.zeros((1, k), np.float32), np.zeros(1, bool)
-            log.warning("The engine failed on a batch of %d; retrying in halves: %s", len(vectors), exc)
+            log.warning(
+                "The engine failed on a batch of %d; retrying in halves: %s", len(vectors), exc
+            )
         except Exception:
             log.exception("Unexpected engine failure on a batch of %d.", len(vectors))
             if len(vectors) == 1:

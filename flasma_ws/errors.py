@@ -1,12 +1,12 @@
 """The package's exceptions. Every message tells the user what to do next.
 
-    FlasmaError
-    ├── ConfigError          bad settings or flags
-    ├── VectorFileError      a target-vector file that cannot be used
-    ├── EngineError          TensorFlow failed while loading or searching
-    │   └── EngineOutOfMemory
-    ├── ProtocolError        a request that cannot be answered (carries a wire `code`)
-    └── ServerError          raised by the client when the server answers with an error
+FlasmaError
+├── ConfigError          bad settings or flags
+├── VectorFileError      a target-vector file that cannot be used
+├── EngineError          TensorFlow failed while loading or searching
+│   └── EngineOutOfMemory
+├── ProtocolError        a request that cannot be answered (carries a wire `code`)
+└── ServerError          raised by the client when the server answers with an error
 """
 
 from __future__ import annotations

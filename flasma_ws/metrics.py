@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401  (re-exported)
-from prometheus_client import disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 
 disable_created_metrics()  # the *_created series only add noise to every scrape
 
@@ -17,11 +23,15 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "flasma_requests", "Requests answered, by route and outcome (ok or error code).",
-            ["route", "outcome"], registry=r,
+            "flasma_requests",
+            "Requests answered, by route and outcome (ok or error code).",
+            ["route", "outcome"],
+            registry=r,
         )
         self.queries = Counter("flasma_queries", "Query vectors answered.", registry=r)
-        self.queue_depth = Gauge("flasma_queue_depth", "Query rows waiting for the engine.", registry=r)
+        self.queue_depth = Gauge(
+            "flasma_queue_depth", "Query rows waiting for the engine.", registry=r
+        )
         self.batch_size = Histogram(
             "flasma_batch_size", "Query rows per engine batch.", buckets=BATCH_BUCKETS, registry=r
         )
@@ -29,12 +39,19 @@ class Metrics:
             "flasma_engine_seconds", "Engine time per batch.", buckets=LATENCY_BUCKETS_S, registry=r
         )
         self.latency_seconds = Histogram(
-            "flasma_request_latency_seconds", "From request received to answer sent, by route.",
-            ["route"], buckets=LATENCY_BUCKETS_S, registry=r,
+            "flasma_request_latency_seconds",
+            "From request received to answer sent, by route.",
+            ["route"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
         )
-        self.connections = Gauge("flasma_open_connections", "Open WebSocket connections.", registry=r)
+        self.connections = Gauge(
+            "flasma_open_connections", "Open WebSocket connections.", registry=r
+        )
         self.skipped = Counter(
-            "flasma_skipped_queries", "Queued queries skipped because their client left.", registry=r
+            "flasma_skipped_queries",
+            "Queued queries skipped because their client left.",
+            registry=r,
         )
         self.ready = Gauge("flasma_ready", "1 once the engine is warm and serving.", registry=r)
 

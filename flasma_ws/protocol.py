@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
-from typing import Union
 
 import numpy as np
 import orjson
 
 from .errors import ProtocolError
 
-RequestId = Union[str, int, None]
+RequestId = str | int | None
 
 BAD_JSON = "bad_json"
 BAD_REQUEST = "bad_request"
@@ -30,8 +29,17 @@ OVERLOADED = "overloaded"
 TIMEOUT = "timeout"
 INTERNAL = "internal"
 UNAVAILABLE = "unavailable"
-ERROR_CODES = (BAD_JSON, BAD_REQUEST, BAD_DIMENSION, BAD_VALUE, BAD_K, OVERLOADED, TIMEOUT,
-               INTERNAL, UNAVAILABLE)
+ERROR_CODES = (
+    BAD_JSON,
+    BAD_REQUEST,
+    BAD_DIMENSION,
+    BAD_VALUE,
+    BAD_K,
+    OVERLOADED,
+    TIMEOUT,
+    INTERNAL,
+    UNAVAILABLE,
+)
 
 BINARY_HEADER = struct.Struct("<QHHI")
 MAX_TIMEOUT_MS = 3_600_000
@@ -70,7 +78,9 @@ class Codec:
         request_id = _read_id(obj)
         try:
             if "id" not in obj:
-                raise ProtocolError(BAD_REQUEST, 'The request has no "id"; add one to match answers.')
+                raise ProtocolError(
+                    BAD_REQUEST, 'The request has no "id"; add one to match answers.'
+                )
             return self._parse_fields(obj, request_id, _WS_KEYS)
         except ProtocolError as exc:
             exc.request_id = request_id
@@ -80,13 +90,16 @@ class Codec:
         """A POST /cos body: {"embedding": [...], "k"?: int} (Flasma's route)."""
         obj = _load_json(body)
         if "embeddings" in obj:
-            raise ProtocolError(BAD_REQUEST, 'POST /cos takes one "embedding"; use /ws for several.')
+            raise ProtocolError(
+                BAD_REQUEST, 'POST /cos takes one "embedding"; use /ws for several.'
+            )
         return self._parse_fields(obj, None, _COS_KEYS)
 
     def parse_binary(self, data: bytes) -> Query:
         if len(data) < BINARY_HEADER.size:
             raise ProtocolError(
-                BAD_REQUEST, f"A binary frame needs a {BINARY_HEADER.size}-byte header; got {len(data)} bytes."
+                BAD_REQUEST,
+                f"A binary frame needs a {BINARY_HEADER.size}-byte header; got {len(data)} bytes.",
             )
         request_id, k, count, timeout_ms = BINARY_HEADER.unpack_from(data)
         try:
@@ -95,13 +108,21 @@ class Codec:
             if len(data) != expected:
                 raise ProtocolError(
                     BAD_DIMENSION,
-                    f"A binary frame with {count} queries of dimension {self.dim} must be {expected} "
-                    f"bytes; got {len(data)}.",
+                    f"A binary frame with {count} queries of dimension {self.dim} must be "
+                    f"{expected} bytes; got {len(data)}.",
                 )
-            vectors = np.frombuffer(data, dtype="<f4", offset=BINARY_HEADER.size).reshape(count, self.dim)
+            vectors = np.frombuffer(data, dtype="<f4", offset=BINARY_HEADER.size).reshape(
+                count, self.dim
+            )
             self._check_values(vectors)
-            return Query(request_id, vectors, self._check_k(k or self.top_k), multi=count != 1,
-                         binary=True, timeout_ms=self._check_timeout(timeout_ms or None))
+            return Query(
+                request_id,
+                vectors,
+                self._check_k(k or self.top_k),
+                multi=count != 1,
+                binary=True,
+                timeout_ms=self._check_timeout(timeout_ms or None),
+            )
         except ProtocolError as exc:
             exc.request_id = request_id
             raise
@@ -110,8 +131,9 @@ class Codec:
         unknown = obj.keys() - allowed
         if unknown:
             raise ProtocolError(
-                BAD_REQUEST, f"Unknown field(s) {', '.join(sorted(map(repr, unknown)))}; "
-                f"allowed: {', '.join(sorted(allowed))}."
+                BAD_REQUEST,
+                f"Unknown field(s) {', '.join(sorted(map(repr, unknown)))}; "
+                f"allowed: {', '.join(sorted(allowed))}.",
             )
         k = self._check_k(obj.get("k", self.top_k))
         timeout_ms = self._check_timeout(obj.get("timeout_ms"))
@@ -124,7 +146,9 @@ class Codec:
         if not isinstance(rows, list):
             raise ProtocolError(BAD_REQUEST, '"embeddings" must be a list of lists of numbers.')
         self._check_count(len(rows))
-        return Query(request_id, self._vectors(rows, "embeddings"), k, multi=True, timeout_ms=timeout_ms)
+        return Query(
+            request_id, self._vectors(rows, "embeddings"), k, multi=True, timeout_ms=timeout_ms
+        )
 
     def _vectors(self, rows: list, field: str) -> np.ndarray:
         for i, row in enumerate(rows):
@@ -154,11 +178,14 @@ class Codec:
         finite = np.isfinite(vectors)
         if not finite.all():
             raise ProtocolError(
-                BAD_VALUE, "Embeddings must be finite: NaN, Infinity and values beyond float32's "
-                "range (about 3.4e38) cannot be compared."
+                BAD_VALUE,
+                "Embeddings must be finite: NaN, Infinity and values beyond float32's "
+                "range (about 3.4e38) cannot be compared.",
             )
         if not vectors.any(axis=1).all():
-            raise ProtocolError(BAD_VALUE, "A zero vector has no direction, so no cosine similarity.")
+            raise ProtocolError(
+                BAD_VALUE, "A zero vector has no direction, so no cosine similarity."
+            )
 
     def _check_k(self, k: object) -> int:
         limit = min(self.max_k, self.n)
@@ -179,8 +206,8 @@ class Codec:
             return None
         if type(timeout_ms) is not int or not 1 <= timeout_ms <= MAX_TIMEOUT_MS:
             raise ProtocolError(
-                BAD_REQUEST, f'"timeout_ms" must be an integer from 1 to {MAX_TIMEOUT_MS}; '
-                f"got {timeout_ms!r}."
+                BAD_REQUEST,
+                f'"timeout_ms" must be an integer from 1 to {MAX_TIMEOUT_MS}; got {timeout_ms!r}.',
             )
         return timeout_ms
 
@@ -194,7 +221,9 @@ class Codec:
         if query.multi:
             results = [list(zip(r, s)) for r, s in zip(rows.tolist(), scores.tolist())]
             return orjson.dumps({"id": query.id, "results": results})
-        return orjson.dumps({"id": query.id, "result": list(zip(rows[0].tolist(), scores[0].tolist()))})
+        return orjson.dumps(
+            {"id": query.id, "result": list(zip(rows[0].tolist(), scores[0].tolist()))}
+        )
 
     @staticmethod
     def encode_cos(rows: np.ndarray, scores: np.ndarray) -> bytes:
@@ -214,7 +243,9 @@ class Codec:
         return request_id, rows, scores
 
 
-def encode_binary_query(request_id: int, vectors: np.ndarray, k: int = 0, timeout_ms: int = 0) -> bytes:
+def encode_binary_query(
+    request_id: int, vectors: np.ndarray, k: int = 0, timeout_ms: int = 0
+) -> bytes:
     """Client side: one binary request frame for (count, dim) float32 vectors."""
     vectors = np.ascontiguousarray(vectors, dtype="<f4")
     if vectors.ndim == 1:

@@ -86,7 +86,9 @@ class FlasmaServer(uvicorn.Server):
         try:
             await asyncio.wait_for(self.service.drain(), self.settings.drain_timeout_s)
         except asyncio.TimeoutError:
-            log.warning("Drain timeout (%.1f s) passed; closing anyway.", self.settings.drain_timeout_s)
+            log.warning(
+                "Drain timeout (%.1f s) passed; closing anyway.", self.settings.drain_timeout_s
+            )
         self.should_exit = True
 
 
@@ -101,8 +103,8 @@ def serve(settings: Settings, started: float | None = None) -> None:
 class BackgroundServer:
     """A real server in a thread of this process, on a loopback port: for tests and embedding.
 
-        with BackgroundServer(settings) as server:
-            server.url  # ws://127.0.0.1:PORT/ws
+    with BackgroundServer(settings) as server:
+        server.url  # ws://127.0.0.1:PORT/ws
     """
 
     def __init__(self, settings: Settings, ready_timeout_s: float = 120.0) -> None:

@@ -68,7 +68,13 @@ class Service:
         self.metrics.ready.set(1)
         log.info(
             "Ready on %s:%d: %d vectors of dim %d (%s) on %s as %s, %.2f s from start.",
-            s.host, s.port, engine.n, engine.dim, self.info["source"], engine.device, s.dtype,
+            s.host,
+            s.port,
+            engine.n,
+            engine.dim,
+            self.info["source"],
+            engine.device,
+            s.dtype,
             time.perf_counter() - self.started,
         )
 
@@ -80,28 +86,50 @@ class Service:
         loaded = time.perf_counter()
         targets = open_targets(s.npy, s.dim, s.demo_size, s.demo_seed, s.drop_zero)
         if s.npy is None:
-            log.info("No --npy given: serving a generated demo set of %d x %d (seed %d).",
-                     s.demo_size, s.dim, s.demo_seed)
+            log.info(
+                "No --npy given: serving a generated demo set of %d x %d (seed %d).",
+                s.demo_size,
+                s.dim,
+                s.demo_seed,
+            )
         if targets.zero_rows:
             log.info("Skipped %d zero-norm rows (--drop-zero).", targets.zero_rows)
-        config = EngineConfig(max_batch=s.max_batch, max_k=s.max_k, top_k=s.top_k,
-                              device=s.device, dtype=s.dtype, block_size=s.block_size)
+        config = EngineConfig(
+            max_batch=s.max_batch,
+            max_k=s.max_k,
+            top_k=s.top_k,
+            device=s.device,
+            dtype=s.dtype,
+            block_size=s.block_size,
+        )
         engine = Engine(targets, config)
         copied = time.perf_counter()
         warm = engine.warmup()
-        log.info("Loaded and copied to %s in %.2f s; warmed %d batch sizes in %.2f s.",
-                 engine.device, copied - loaded, len(engine.buckets), warm)
+        log.info(
+            "Loaded and copied to %s in %.2f s; warmed %d batch sizes in %.2f s.",
+            engine.device,
+            copied - loaded,
+            len(engine.buckets),
+            warm,
+        )
         return engine
 
     def _describe(self, engine: Any) -> dict[str, object]:
         s = self.settings
         return {
-            "n": engine.n, "dim": engine.dim, "dtype": s.dtype, "device": engine.device,
-            "max_batch": s.max_batch, "top_k": s.top_k, "max_k": engine.max_k,
+            "n": engine.n,
+            "dim": engine.dim,
+            "dtype": s.dtype,
+            "device": engine.device,
+            "max_batch": s.max_batch,
+            "top_k": s.top_k,
+            "max_k": engine.max_k,
             "source": "demo" if s.npy is None else str(Path(s.npy)),
-            "demo": None if s.npy is not None
+            "demo": None
+            if s.npy is not None
             else {"size": s.demo_size, "seed": s.demo_seed, "dim": s.dim},
-            "drop_zero": s.drop_zero, "zero_rows_dropped": engine.targets.zero_rows,
+            "drop_zero": s.drop_zero,
+            "zero_rows_dropped": engine.targets.zero_rows,
             "max_queries_per_frame": s.max_queries_per_frame,
             "binary_header_bytes": protocol.BINARY_HEADER.size,
         }
@@ -122,8 +150,9 @@ class Service:
             return
         timeout_ms = query.timeout_ms or self.settings.timeout_ms
         try:
-            self.batcher.submit(query.vectors, query.k, time.monotonic() + timeout_ms / 1000,
-                                answer, owner)
+            self.batcher.submit(
+                query.vectors, query.k, time.monotonic() + timeout_ms / 1000, answer, owner
+            )
         except Overloaded as exc:
             answer(Failure(protocol.OVERLOADED, str(exc)))
 
@@ -139,8 +168,9 @@ class Service:
         self.metrics.ready.set(0)
         if self.batcher is not None:
             await self.batcher.drain()
-        await asyncio.gather(*(c.close_after_flush(1001) for c in list(self.connections)),
-                             return_exceptions=True)
+        await asyncio.gather(
+            *(c.close_after_flush(1001) for c in list(self.connections)), return_exceptions=True
+        )
 
     async def close(self) -> None:
         if self.batcher is not None:

@@ -66,7 +66,9 @@ def _demo_rows(seed: int, dim: int, start: int, stop: int) -> np.ndarray:
 
 def open_demo(n: int, dim: int, seed: int = 0) -> VectorSource:
     if n < 1 or dim < 1:
-        raise VectorFileError(f"A demo set needs at least one row and one dimension, got {n}x{dim}.")
+        raise VectorFileError(
+            f"A demo set needs at least one row and one dimension, got {n}x{dim}."
+        )
     return VectorSource(n=n, dim=dim, layout="demo", label="demo", seed=seed)
 
 
@@ -190,7 +192,9 @@ class Targets:
         return rows if self.keep is None else self.keep[rows]
 
 
-def prepare(source: VectorSource, drop_zero: bool = False, progress: Progress | None = None) -> Targets:
+def prepare(
+    source: VectorSource, drop_zero: bool = False, progress: Progress | None = None
+) -> Targets:
     """Scan every row once: refuse NaN/Inf, find zero-norm rows, refuse or drop them."""
     zero_parts = []
     for start, block in source.chunks():

@@ -9,7 +9,7 @@ SCORE_TOLERANCE = 1e-5
 
 
 def brute_force(matrix: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by cosine in float64: (rows, scores), score descending, lower row first on ties."""
+    """Exact top-k in float64: (rows, scores), score descending, lower row first on ties."""
     m = matrix.astype(np.float64)
     m /= np.linalg.norm(m, axis=1, keepdims=True)
     q = np.atleast_2d(queries).astype(np.float64)
@@ -19,7 +19,9 @@ def brute_force(matrix: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.nda
     return rows, np.take_along_axis(scores, rows, axis=1)
 
 
-def assert_exact(matrix: np.ndarray, queries: np.ndarray, rows: object, scores: object, k: int) -> None:
+def assert_exact(
+    matrix: np.ndarray, queries: np.ndarray, rows: object, scores: object, k: int
+) -> None:
     """Rows equal the reference except where reference scores are near-ties; scores close."""
     ref_rows, ref_scores = brute_force(matrix, queries, k)
     rows = np.asarray(rows).reshape(ref_rows.shape)

@@ -30,8 +30,17 @@ def free_port() -> int:
 
 def start(log: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    command = [sys.executable, "-m", "flasma_ws", "serve", "--host", "127.0.0.1",
-               "--port", str(port), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "flasma_ws",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *args,
+    ]
     with log.open("wb") as out:  # a file, not a pipe: a full pipe would stall the server
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -53,11 +62,23 @@ def test_flasma_request_on_legacy_file_matches_reference(tmp_path):
     process, base = start(tmp_path / "serve.log", "--npy", str(LEGACY), "--dim", "100")
     try:
         embedding = [float(f"{i}.{i}") for i in range(100)]  # element i is the number "i.i"
-        body = "{\"embedding\":[" + ",".join(f"{i}.{i}" for i in range(100)) + "]}"
+        body = '{"embedding":[' + ",".join(f"{i}.{i}" for i in range(100)) + "]}"
         if shutil.which("curl"):
             out = subprocess.run(
-                ["curl", "-s", "-X", "POST", f"{base}/cos", "-H", "Content-Type: application/json",
-                 "-d", body], capture_output=True, check=True, timeout=30,
+                [
+                    "curl",
+                    "-s",
+                    "-X",
+                    "POST",
+                    f"{base}/cos",
+                    "-H",
+                    "Content-Type: application/json",
+                    "-d",
+                    body,
+                ],
+                capture_output=True,
+                check=True,
+                timeout=30,
             ).stdout
         else:
             out = httpx.post(f"{base}/cos", content=body).content
@@ -72,7 +93,9 @@ def test_flasma_request_on_legacy_file_matches_reference(tmp_path):
 
 
 def test_sigterm_answers_everything_in_flight_then_closes_1001_and_exits_0(tmp_path):
-    process, base = start(tmp_path / "serve.log", "--dim", "64", "--demo-size", "50000", "--max-batch", "32")
+    process, base = start(
+        tmp_path / "serve.log", "--dim", "64", "--demo-size", "50000", "--max-batch", "32"
+    )
     url = base.replace("http", "ws") + "/ws"
 
     async def scenario() -> tuple[list[dict], int | None]:

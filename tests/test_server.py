@@ -90,7 +90,9 @@ async def test_pipelined_requests_each_get_one_answer(server, matrix):
 
 def batch_stats(server) -> tuple[float, float]:
     text = httpx.get(f"{server.http_url}/metrics").text
-    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("flasma_batch"))
+    values = dict(
+        line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("flasma_batch")
+    )
     return float(values["flasma_batch_size_count"]), float(values["flasma_batch_size_sum"])
 
 
@@ -239,7 +241,9 @@ async def test_full_queue_answers_overloaded_at_once_and_nothing_is_lost(small_q
 async def test_expired_deadline_is_answered_timeout_and_not_computed(small_queue_server):
     def computed() -> float:
         text = httpx.get(f"{small_queue_server.http_url}/metrics").text
-        return next(float(x.split()[1]) for x in text.splitlines() if x.startswith("flasma_batch_size_sum"))
+        return next(
+            float(x.split()[1]) for x in text.splitlines() if x.startswith("flasma_batch_size_sum")
+        )
 
     before = computed()
     busy = np.random.default_rng(9).standard_normal((150, 64)).tolist()

@@ -7,6 +7,7 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import FlasmaError
 
@@ -25,10 +26,9 @@ def _root() -> None:
     """Exact cosine-similarity top-k server: serve, convert, bench, loadtest."""
 
 
-
 def fail(exc: FlasmaError) -> NoReturn:
     """Report a FlasmaError as one line (no traceback) and exit 1; commands call this."""
-    err_console.print(f"[red]Error:[/red] {exc}", highlight=False, soft_wrap=True)
+    err_console.print(f"[red]Error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -41,5 +41,5 @@ def main() -> None:
     try:
         app()
     except FlasmaError as exc:
-        err_console.print(f"[red]Error:[/red] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]Error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)

@@ -22,60 +22,114 @@ def _opt(help_text: str, name: str) -> typer.models.OptionInfo:
 
 @app.command()
 def serve(
-    npy: Annotated[Path | None, _opt("Target vectors: (N, dim) .npy, or Flasma's legacy 1-D file "
-                                     "(needs --dim). Omit to serve a demo set.", "NPY")] = None,
-    dim: Annotated[int | None, _opt("Vector dimension: required for legacy files and the demo set.",
-                                    "DIM")] = None,
+    npy: Annotated[
+        Path | None,
+        _opt(
+            "Target vectors: (N, dim) .npy, or Flasma's legacy 1-D file "
+            "(needs --dim). Omit to serve a demo set.",
+            "NPY",
+        ),
+    ] = None,
+    dim: Annotated[
+        int | None, _opt("Vector dimension: required for legacy files and the demo set.", "DIM")
+    ] = None,
     demo_size: Annotated[int, _opt("Rows of the generated demo set.", "DEMO_SIZE")] = 10_000,
     demo_seed: Annotated[int, _opt("Seed of the generated demo set.", "DEMO_SEED")] = 0,
-    drop_zero: Annotated[bool, _opt("Skip zero-norm rows (results keep file row numbers).",
-                                    "DROP_ZERO")] = False,
+    drop_zero: Annotated[
+        bool, _opt("Skip zero-norm rows (results keep file row numbers).", "DROP_ZERO")
+    ] = False,
     host: Annotated[str, _opt("Address to listen on.", "HOST")] = "0.0.0.0",
-    port: Annotated[int, _opt("Port for /ws, /cos, /healthz, /info and /metrics (0 = any free).",
-                              "PORT")] = 8080,
-    device: Annotated[str, _opt("TensorFlow device: auto (GPU if present), cpu, gpu:N.",
-                                "DEVICE")] = "auto",
-    dtype: Annotated[str, _opt("Stored matrix type: float32, float16 or bfloat16.", "DTYPE")] = "float32",
+    port: Annotated[
+        int, _opt("Port for /ws, /cos, /healthz, /info and /metrics (0 = any free).", "PORT")
+    ] = 8080,
+    device: Annotated[
+        str, _opt("TensorFlow device: auto (GPU if present), cpu, gpu:N.", "DEVICE")
+    ] = "auto",
+    dtype: Annotated[
+        str, _opt("Stored matrix type: float32, float16 or bfloat16.", "DTYPE")
+    ] = "float32",
     max_batch: Annotated[int, _opt("Most query rows per engine batch.", "MAX_BATCH")] = 128,
     top_k: Annotated[int, _opt("Results per query when the request gives no k.", "TOP_K")] = 10,
     max_k: Annotated[int, _opt("Largest k a request may ask for.", "MAX_K")] = 100,
-    block_size: Annotated[int | None, _opt("Columns per block of the two-stage top-k "
-                                           "(default: chosen from N and --top-k).", "BLOCK_SIZE")] = None,
-    max_wait_ms: Annotated[float, _opt("Milliseconds an idle engine waits to fill a batch "
-                                       "(0 = run at once).", "MAX_WAIT_MS")] = 0.0,
-    queue_size: Annotated[int, _opt("Query rows that may wait for the engine, all clients together; "
-                                    "beyond it requests get 'overloaded'.", "QUEUE_SIZE")] = 8192,
-    timeout_ms: Annotated[int, _opt("Default deadline per request, in milliseconds.",
-                                    "TIMEOUT_MS")] = 10_000,
-    max_inflight: Annotated[int, _opt("Unanswered queries per connection before we stop reading it.",
-                                      "MAX_INFLIGHT")] = 1024,
-    max_frame_bytes: Annotated[int, _opt("Largest WebSocket message, in bytes.",
-                                         "MAX_FRAME_BYTES")] = 4 * 1024 * 1024,
-    max_queries_per_frame: Annotated[int, _opt("Most queries in one multi-query frame.",
-                                               "MAX_QUERIES_PER_FRAME")] = 1024,
-    max_body_bytes: Annotated[int, _opt("Largest POST /cos body, in bytes (413 beyond).",
-                                        "MAX_BODY_BYTES")] = 4 * 1024 * 1024,
-    ws_compression: Annotated[bool, _opt("Accept permessage-deflate (costs CPU; vectors barely "
-                                         "compress).", "WS_COMPRESSION")] = False,
-    drain_timeout: Annotated[float, _opt("Seconds to answer queued requests on SIGTERM before "
-                                         "closing anyway.", "DRAIN_TIMEOUT")] = 30.0,
+    block_size: Annotated[
+        int | None,
+        _opt(
+            "Columns per block of the two-stage top-k (default: chosen from N and --top-k).",
+            "BLOCK_SIZE",
+        ),
+    ] = None,
+    max_wait_ms: Annotated[
+        float,
+        _opt("Milliseconds an idle engine waits to fill a batch (0 = run at once).", "MAX_WAIT_MS"),
+    ] = 0.0,
+    queue_size: Annotated[
+        int,
+        _opt(
+            "Query rows that may wait for the engine, all clients together; "
+            "beyond it requests get 'overloaded'.",
+            "QUEUE_SIZE",
+        ),
+    ] = 8192,
+    timeout_ms: Annotated[
+        int, _opt("Default deadline per request, in milliseconds.", "TIMEOUT_MS")
+    ] = 10_000,
+    max_inflight: Annotated[
+        int, _opt("Unanswered queries per connection before we stop reading it.", "MAX_INFLIGHT")
+    ] = 1024,
+    max_frame_bytes: Annotated[
+        int, _opt("Largest WebSocket message, in bytes.", "MAX_FRAME_BYTES")
+    ] = 4 * 1024 * 1024,
+    max_queries_per_frame: Annotated[
+        int, _opt("Most queries in one multi-query frame.", "MAX_QUERIES_PER_FRAME")
+    ] = 1024,
+    max_body_bytes: Annotated[
+        int, _opt("Largest POST /cos body, in bytes (413 beyond).", "MAX_BODY_BYTES")
+    ] = 4 * 1024 * 1024,
+    ws_compression: Annotated[
+        bool,
+        _opt("Accept permessage-deflate (costs CPU; vectors barely compress).", "WS_COMPRESSION"),
+    ] = False,
+    drain_timeout: Annotated[
+        float,
+        _opt(
+            "Seconds to answer queued requests on SIGTERM before closing anyway.", "DRAIN_TIMEOUT"
+        ),
+    ] = 30.0,
     log_level: Annotated[str, _opt("debug, info, warning or error.", "LOG_LEVEL")] = "info",
 ) -> None:
     """Serve exact cosine top-k over WebSocket (/ws) and HTTP (POST /cos) on one port."""
     from ..server import serve as run_server  # TensorFlow and uvicorn load only when serving
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if log_level.lower() != "debug":  # one line per connection is too chatty for long-lived clients
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
     try:
         settings = Settings(
-            npy=npy, dim=dim, demo_size=demo_size, demo_seed=demo_seed, drop_zero=drop_zero,
-            device=device, dtype=dtype,  # type: ignore[arg-type]
-            max_batch=max_batch, top_k=top_k, max_k=max_k, block_size=block_size,
-            max_wait_ms=max_wait_ms, queue_size=queue_size, timeout_ms=timeout_ms, host=host,
-            port=port, max_inflight=max_inflight, max_frame_bytes=max_frame_bytes,
-            max_queries_per_frame=max_queries_per_frame, max_body_bytes=max_body_bytes,
-            ws_compression=ws_compression, drain_timeout_s=drain_timeout, log_level=log_level,
+            npy=npy,
+            dim=dim,
+            demo_size=demo_size,
+            demo_seed=demo_seed,
+            drop_zero=drop_zero,
+            device=device,
+            dtype=dtype,  # type: ignore[arg-type]
+            max_batch=max_batch,
+            top_k=top_k,
+            max_k=max_k,
+            block_size=block_size,
+            max_wait_ms=max_wait_ms,
+            queue_size=queue_size,
+            timeout_ms=timeout_ms,
+            host=host,
+            port=port,
+            max_inflight=max_inflight,
+            max_frame_bytes=max_frame_bytes,
+            max_queries_per_frame=max_queries_per_frame,
+            max_body_bytes=max_body_bytes,
+            ws_compression=ws_compression,
+            drain_timeout_s=drain_timeout,
+            log_level=log_level,
         )
         if npy is not None:
             from ..vectors import open_npy
