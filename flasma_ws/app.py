@@ -8,6 +8,7 @@ GET /healthz, GET /info, GET /metrics
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 from collections import deque
@@ -35,7 +36,11 @@ HTTP_STATUS = {
     "too_large": 413,
     "not_found": 404,
     "method_not_allowed": 405,
+    "unauthorized": 401,
+    "forbidden_origin": 403,
+    "too_many_connections": 503,
 }
+GUARDED_ROUTES = frozenset({"/ws", "/cos", "/info"})  # /healthz and /metrics stay open to probes
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
@@ -188,6 +193,16 @@ class App:
         if scope["path"] != "/ws":
             await _reject(send, 404, "not_found", "WebSocket connections go to /ws.")
             return
+        refusal = self._refusal(scope)
+        limit = self.service.settings.max_connections
+        if refusal is None and limit is not None and len(self.service.connections) >= limit:
+            refusal = (
+                "too_many_connections",
+                f"The server holds its limit of {limit} connections; retry later.",
+            )
+        if refusal is not None:
+            await _reject(send, HTTP_STATUS[refusal[0]], *refusal)
+            return
         if self.service.state is not State.READY:
             await _reject(
                 send,
@@ -206,6 +221,23 @@ class App:
             self.service.connections.discard(connection)
             self.service.metrics.connections.dec()
 
+    def _refusal(self, scope: Scope) -> tuple[str, str] | None:
+        """(code, message) when the token or the browser Origin is not accepted, else None."""
+        settings = self.service.settings
+        if scope["path"] not in GUARDED_ROUTES:
+            return None
+        headers = dict(scope["headers"])
+        if settings.token is not None:
+            expected = f"Bearer {settings.token}".encode()
+            # compare_digest: the time taken does not reveal how much of the token matched.
+            if not hmac.compare_digest(headers.get(b"authorization", b""), expected):
+                return "unauthorized", "Send the header 'Authorization: Bearer <token>'."
+        origin = headers.get(b"origin")
+        allowed = settings.allowed_origins
+        if origin is not None and allowed is not None and origin.decode("latin-1") not in allowed:
+            return "forbidden_origin", "This Origin is not allowed (see --allowed-origins)."
+        return None
+
     # -- HTTP --------------------------------------------------------------------------
     async def _http(self, scope: Scope, receive: Any, send: Any) -> None:
         path, method = scope["path"], scope["method"]
@@ -216,6 +248,8 @@ class App:
             )
         elif method != routes[path] and not (method == "HEAD" and routes[path] == "GET"):
             await _error(send, "method_not_allowed", f"{path} takes {routes[path]}, not {method}.")
+        elif (refusal := self._refusal(scope)) is not None:
+            await _error(send, *refusal)
         elif path == "/cos":
             await self._cos(receive, send)
         elif path == "/healthz":
@@ -286,7 +320,9 @@ async def _respond(send: Any, status: int, body: object, headers: list | None = 
 
 
 async def _error(send: Any, code: str, message: str) -> None:
-    await _respond(send, HTTP_STATUS.get(code, 400), {"error": {"code": code, "message": message}})
+    headers = JSON_HEADERS + [(b"www-authenticate", b"Bearer")] if code == "unauthorized" else None
+    body = {"error": {"code": code, "message": message}}
+    await _respond(send, HTTP_STATUS.get(code, 400), body, headers)
 
 
 async def _reject(send: Any, status: int, code: str, message: str) -> None:

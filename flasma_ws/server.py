@@ -38,6 +38,8 @@ def uvicorn_config(settings: Settings, app: App) -> uvicorn.Config:
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=max(settings.drain_timeout_s, 0.1),
+        ssl_certfile=settings.certfile,
+        ssl_keyfile=settings.keyfile,
     )
 
 
@@ -118,11 +120,13 @@ class BackgroundServer:
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.server.port}"
+        scheme = "https" if self.server.settings.certfile else "http"
+        return f"{scheme}://127.0.0.1:{self.server.port}"
 
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.server.port}/ws"
+        scheme = "wss" if self.server.settings.certfile else "ws"
+        return f"{scheme}://127.0.0.1:{self.server.port}/ws"
 
     def start(self) -> BackgroundServer:
         self._thread.start()

@@ -40,6 +40,11 @@ class Settings:
     max_queries_per_frame: int = 1024
     max_body_bytes: int = 4 * 1024 * 1024
     ws_compression: bool = False
+    max_connections: int | None = None  # open WebSocket connections; None = no limit
+    token: str | None = None  # Bearer token for /ws, /cos and /info; None = open
+    certfile: Path | None = None  # TLS: serve wss:// and https://
+    keyfile: Path | None = None
+    allowed_origins: tuple[str, ...] | None = None  # browser Origins allowed; None = any
     drain_timeout_s: float = 30.0
     log_level: str = "info"
 
@@ -72,6 +77,15 @@ class Settings:
             raise ConfigError(f"--block-size must be at least 1, got {self.block_size}.")
         if self.max_wait_ms < 0 or self.drain_timeout_s < 0:
             raise ConfigError("--max-wait-ms and --drain-timeout must not be negative.")
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ConfigError(f"--max-connections must be at least 1, got {self.max_connections}.")
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ConfigError("Give both --certfile and --keyfile to serve TLS, or neither.")
+        for tls_file in (self.certfile, self.keyfile):
+            if tls_file is not None and not Path(tls_file).is_file():
+                raise ConfigError(f"TLS file {tls_file} does not exist; check the path.")
+        if self.token is not None and not self.token.strip():
+            raise ConfigError("--token must not be empty; omit it to serve without auth.")
         if self.npy is None and self.dim is None:
             raise ConfigError("Give --npy FILE, or --dim D to serve a generated demo set.")
 

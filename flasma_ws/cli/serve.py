@@ -20,6 +20,12 @@ def _opt(help_text: str, name: str) -> typer.models.OptionInfo:
     return typer.Option(help=help_text, envvar=f"FLASMA_{name}", show_default=True)
 
 
+def _origins(value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    return tuple(origin.strip().rstrip("/") for origin in value.split(",") if origin.strip())
+
+
 @app.command()
 def serve(
     npy: Annotated[
@@ -89,6 +95,29 @@ def serve(
         bool,
         _opt("Accept permessage-deflate (costs CPU; vectors barely compress).", "WS_COMPRESSION"),
     ] = False,
+    max_connections: Annotated[
+        int | None,
+        _opt(
+            "Most open WebSocket connections; more are refused with 503 (default: no limit).",
+            "MAX_CONNECTIONS",
+        ),
+    ] = None,
+    token: Annotated[
+        str | None, _opt("Require 'Authorization: Bearer TOKEN' on /ws, /cos and /info.", "TOKEN")
+    ] = None,
+    certfile: Annotated[
+        Path | None, _opt("TLS certificate (PEM): serve wss:// and https://.", "CERTFILE")
+    ] = None,
+    keyfile: Annotated[
+        Path | None, _opt("TLS private key (PEM) for --certfile.", "KEYFILE")
+    ] = None,
+    allowed_origins: Annotated[
+        str | None,
+        _opt(
+            "Comma-separated browser Origins allowed on /ws and /cos (default: any).",
+            "ALLOWED_ORIGINS",
+        ),
+    ] = None,
     drain_timeout: Annotated[
         float,
         _opt(
