@@ -28,7 +28,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start(log: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
+def start(
+    log: Path, *args: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     command = [
         sys.executable,
@@ -42,7 +44,9 @@ def start(log: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
         *args,
     ]
     with log.open("wb") as out:  # a file, not a pipe: a full pipe would stall the server
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -94,8 +98,14 @@ def test_flasma_request_on_legacy_file_matches_reference(tmp_path):
 
 def test_sigterm_answers_everything_in_flight_then_closes_1001_and_exits_0(tmp_path):
     process, base = start(
-        tmp_path / "serve.log", "--dim", "64", "--demo-size", "50000", "--max-batch", "32"
+        tmp_path / "serve.log",
+        "--dim",
+        "64",
+        "--max-batch",
+        "32",
+        env={"FLASMA_DEMO_SIZE": "50000"},  # every flag can also come from FLASMA_<NAME>
     )
+    assert httpx.get(f"{base}/info").json()["n"] == 50000
     url = base.replace("http", "ws") + "/ws"
 
     async def scenario() -> tuple[list[dict], int | None]:
@@ -123,3 +133,33 @@ def test_sigterm_answers_everything_in_flight_then_closes_1001_and_exits_0(tmp_p
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_serve_refuses_a_bad_file_with_one_line_and_exit_1(tmp_path):
+    bad = tmp_path / "nan.npy"
+    matrix = np.ones((100, 4), np.float32)
+    matrix[42, 1] = np.nan
+    np.save(bad, matrix)
+    result = subprocess.run(
+        [sys.executable, "-m", "flasma_ws", "serve", "--npy", str(bad), "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr + result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "NaN" in errors[0] and "row 42" in errors[0]
+
+
+def test_serve_help_states_units():
+    result = subprocess.run(
+        [sys.executable, "-m", "flasma_ws", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert result.returncode == 0
+    for words in ("milliseconds", "bytes", "Seconds", "FLASMA_PORT"):
+        assert words in result.stdout
