@@ -1,0 +1,235 @@
+"""`flasma-ws loadtest` against a real server on loopback (BackgroundServer), through the CLI."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from flasma_ws.cli import app
+from flasma_ws.errors import ConfigError
+from flasma_ws.loadtest import check_answer, http_base, parse_sweep
+from flasma_ws.server import BackgroundServer
+from flasma_ws.settings import Settings
+
+SETTINGS = Settings(dim=16, demo_size=2000, demo_seed=7, port=0)
+LATENCY_KEYS = {"p50", "p90", "p95", "p99", "max"}
+REPORT_KEYS = {"throughput_qps", "latency_ms", "errors", "sent", "answered", "mean_batch_size"}
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[BackgroundServer]:
+    with BackgroundServer(SETTINGS) as running:
+        yield running
+
+
+def loadtest(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["loadtest", *args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, result.output
+
+
+def assert_report(point: dict, sent: int | None = None) -> None:
+    assert point.keys() >= REPORT_KEYS
+    assert point["latency_ms"].keys() >= LATENCY_KEYS
+    assert point["throughput_qps"] > 0
+    assert point["errors"] == {}
+    assert point["answered"] == point["sent"]
+    if sent is not None:
+        assert point["sent"] == sent
+    assert point["mean_batch_size"] >= 1
+
+
+def test_count_with_verify_writes_the_report(server: BackgroundServer, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    code, output = loadtest(
+        "--url",
+        server.url,
+        "--count",
+        "200",
+        "--verify",
+        "50",
+        "--json-out",
+        str(out),
+        "--inflight",
+        "4",
+    )
+    assert code == 0, output
+    report = json.loads(out.read_text())
+    assert_report(report, sent=200)
+    assert report["recall"] == 1.0 and report["exact"] and report["verified"] == 50
+    assert report["mode"] == "ws-json" and report["loop"] == "closed"
+    assert 0 < report["latency_ms"]["p50"] <= report["latency_ms"]["p99"]
+    assert report["latency_ms"]["p99"] <= report["latency_ms"]["max"]
+    assert "q/s" in output and "1.0000" in output
+
+
+def test_binary_multi_open_loop_with_warmup(server: BackgroundServer, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    code, output = loadtest(
+        "--url",
+        server.url,
+        "--binary",
+        "--multi",
+        "4",
+        "--rate",
+        "400",
+        "--arrival",
+        "poisson",
+        "--connections",
+        "2",
+        "--duration",
+        "0.5",
+        "--warmup",
+        "0.2",
+        "--k",
+        "3",
+        "--verify",
+        "10",
+        "--json-out",
+        str(out),
+    )
+    assert code == 0, output
+    report = json.loads(out.read_text())
+    assert_report(report)
+    assert report["mode"] == "ws-binary" and report["loop"] == "open" and report["multi"] == 4
+    assert report["sent"] % 4 == 0 and report["exact"]
+
+
+def test_http_mode(server: BackgroundServer, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    code, output = loadtest(
+        "--url",
+        server.url,
+        "--http",
+        "--connections",
+        "2",
+        "--inflight",
+        "2",
+        "--count",
+        "60",
+        "--verify",
+        "10",
+        "--json-out",
+        str(out),
+    )
+    assert code == 0, output
+    report = json.loads(out.read_text())
+    assert_report(report, sent=60)
+    assert report["mode"] == "http" and report["exact"]
+
+
+def test_sweep_writes_one_point_per_value(server: BackgroundServer, tmp_path: Path) -> None:
+    out = tmp_path / "sweep.json"
+    code, output = loadtest(
+        "--url",
+        server.url,
+        "--sweep",
+        "connections=1,3",
+        "--count",
+        "40",
+        "--binary",
+        "--json-out",
+        str(out),
+    )
+    assert code == 0, output
+    report = json.loads(out.read_text())
+    assert report["sweep"] == "connections" and report["values"] == [1, 3]
+    assert [p["connections"] for p in report["points"]] == [1, 3]
+    for point in report["points"]:
+        assert_report(point, sent=40)
+
+
+def test_queries_file(server: BackgroundServer, tmp_path: Path) -> None:
+    path = tmp_path / "q.npy"
+    np.save(path, np.random.default_rng(0).standard_normal((5, SETTINGS.dim)))
+    code, output = loadtest(
+        "--url", server.url, "--queries", str(path), "--count", "12", "--verify", "5"
+    )
+    assert code == 0, output
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.ones((5, SETTINGS.dim + 1)))
+    code, output = loadtest("--url", server.url, "--queries", str(wrong), "--count", "1")
+    assert code == 1 and "(Q, 16)" in output
+
+
+def test_verify_against_other_data_exits_1(server: BackgroundServer, tmp_path: Path) -> None:
+    other = tmp_path / "other.npy"
+    np.save(other, np.random.default_rng(99).standard_normal((SETTINGS.demo_size, SETTINGS.dim)))
+    code, output = loadtest(
+        "--url", server.url, "--count", "10", "--verify", "5", "--npy", str(other)
+    )
+    assert code == 1
+    assert "NOT EXACT" in output and "not exact" in output
+
+
+def test_unreachable_url_exits_1_with_one_line() -> None:
+    code, output = loadtest("--url", "ws://127.0.0.1:1/ws", "--count", "10")
+    assert code == 1
+    assert output.strip().count("\n") == 0 and "Cannot reach http://127.0.0.1:1/info" in output
+    assert "Traceback" not in output
+
+
+def test_every_request_failing_exits_1(server: BackgroundServer) -> None:
+    code, output = loadtest("--url", server.url, "--count", "5", "--k", "1000")
+    assert code == 1
+    assert "bad_k 5" in output and "No query was answered" in output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--binary", "--http"], "WebSocket only"),
+        (["--sweep", "threads=1,2"], "--sweep must look like"),
+        (["--sweep", "connections=1,x"], "must be numbers"),
+        (["--connections", "0"], "--connections must be at least 1"),
+    ],
+)
+def test_bad_flags_exit_1_with_one_line(args: list[str], message: str) -> None:
+    code, output = loadtest("--url", "ws://127.0.0.1:1/ws", *args)
+    assert code == 1 and message in output and output.strip().count("\n") == 0
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("matplotlib") is not None, reason="matplotlib is installed"
+)
+def test_plot_without_matplotlib_says_how_to_install(
+    server: BackgroundServer, tmp_path: Path
+) -> None:
+    code, output = loadtest("--url", server.url, "--count", "5", "--plot", str(tmp_path / "p.png"))
+    assert code == 1 and "flasma-ws[plot]" in output
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib")
+def test_plot(server: BackgroundServer, tmp_path: Path) -> None:
+    png = tmp_path / "p.png"
+    code, output = loadtest(
+        "--url", server.url, "--sweep", "inflight=1,2", "--count", "20", "--plot", str(png)
+    )
+    assert code == 0, output
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_check_answer_allows_near_ties_only() -> None:
+    ref = np.array([0.9, 0.5, 0.5 - 1e-8, 0.1, -0.2])
+    exact = np.array([0.9, 0.5], np.float32)
+    assert check_answer(ref, np.array([0, 1]), exact, 2) == (1.0, "")
+    assert check_answer(ref, np.array([0, 2]), exact, 2)[1] == ""  # a near-tie swapped in
+    recall, problem = check_answer(ref, np.array([0, 3]), exact, 2)
+    assert recall == 0.5 and "rank 1" in problem
+    assert "twice" in check_answer(ref, np.array([0, 0]), exact, 2)[1]
+    assert "off by" in check_answer(ref, np.array([0, 1]), exact + 1e-3, 2)[1]
+
+
+def test_url_and_sweep_parsing() -> None:
+    assert http_base("ws://h:8090/ws") == "http://h:8090"
+    assert http_base("wss://h/ws") == "https://h"
+    assert parse_sweep("inflight=1,8") == ("inflight", [1, 8])
+    assert parse_sweep("rate=100,2.5e3") == ("rate", [100.0, 2500.0])
+    with pytest.raises(ConfigError):
+        http_base("http://h:8090")
