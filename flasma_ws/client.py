@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import ssl as ssl_module
 import threading
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from typing import Any, NamedTuple, TypeVar
 import numpy as np
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from .errors import FlasmaError, ServerError
 from .protocol import BINARY_HEADER, Codec
@@ -129,6 +130,8 @@ class Client:
         backoff_s: float = 0.1,
         backoff_max_s: float = 2.0,
         open_timeout_s: float = 10.0,
+        token: str | None = None,
+        ssl: ssl_module.SSLContext | None = None,
         frame_queries: int = DEFAULT_FRAME_QUERIES,
     ) -> None:
         if connect_attempts < 1:
@@ -139,6 +142,8 @@ class Client:
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
         self.open_timeout_s = open_timeout_s
+        self.ssl = ssl  # for wss:// with a private CA; None: the system's defaults
+        self._headers = {"Authorization": f"Bearer {token}"} if token is not None else None
         self.frame_queries = frame_queries
         self._ids = itertools.count(1)
         # id -> (future, multi): a binary answer does not say whether it answers a single
@@ -180,11 +185,17 @@ class Client:
                     compression=None,  # vectors barely compress; deflate only costs CPU
                     proxy=None,  # contact the given URL only
                     open_timeout=self.open_timeout_s,
+                    additional_headers=self._headers,
+                    **({"ssl": self.ssl} if self.ssl is not None else {}),  # wss:// defaults
                     max_size=MAX_MESSAGE_BYTES,
                     max_queue=1024,
                 )
             except InvalidURI as exc:
                 raise ConnectionLost(f"{self.url} is not a WebSocket URL: {exc}") from exc
+            except InvalidStatus as exc:
+                if not _retryable(exc):  # a wrong token or URL does not fix itself
+                    raise ConnectionLost(f"Cannot connect to {self.url}: {_refusal(exc)}") from exc
+                problem = _refusal(exc)
             except (OSError, InvalidHandshake, asyncio.TimeoutError) as exc:
                 problem = _describe(exc)
             if attempt < self.connect_attempts:
@@ -354,6 +365,21 @@ def _pairs_to_topk(pairs: list[list[float]]) -> TopK:
         return TopK(np.empty(0, np.int64), np.empty(0, np.float32))
     array = np.array(pairs, dtype=np.float64)
     return TopK(array[:, 0].astype(np.int64), array[:, 1].astype(np.float32))
+
+
+def _retryable(exc: InvalidStatus) -> bool:
+    """503 (loading, draining, too many connections) and 5xx may pass; 4xx will not."""
+    return exc.response.status_code >= 500
+
+
+def _refusal(exc: InvalidStatus) -> str:
+    """The server's own reason when it sent one ({"error": {"message"}}), else the status."""
+    status = exc.response.status_code
+    try:
+        message = orjson.loads(exc.response.body or b"")["error"]["message"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return f"HTTP {status}"
+    return f"HTTP {status}: {message}"
 
 
 def _describe(exc: BaseException) -> str:

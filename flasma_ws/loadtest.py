@@ -60,6 +60,7 @@ class LoadConfig:
     verify: int = 0
     npy: Path | None = None
     seed: int = 0
+    token: str | None = None  # Bearer token of a server started with --token
     time_limit_s: float = 300.0  # cap on the sending time of one run, warm-up included
 
     def __post_init__(self) -> None:
@@ -118,20 +119,23 @@ def http_base(ws_url: str) -> str:
     return urlunsplit((scheme, parts.netloc, "", "", ""))
 
 
-def http_client(connections: int = 1) -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    # trust_env=False: no proxies from the environment; contact the given URL only.
-    return httpx.AsyncClient(limits=limits, timeout=30.0, trust_env=False)
+def http_client(token: str | None = None) -> httpx.AsyncClient:
+    """One keep-alive connection; trust_env=False: no proxies, contact the given URL only."""
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else None
+    return httpx.AsyncClient(limits=limits, timeout=30.0, trust_env=False, headers=headers)
 
 
-async def probe(url: str) -> Target:
+async def probe(url: str, token: str | None = None) -> Target:
     """GET /info of the server behind `url`; a one-line FlasmaError when it cannot be used."""
     base = http_base(url)
-    async with http_client() as http:
+    async with http_client(token) as http:
         try:
             response = await http.get(f"{base}/info", timeout=5.0)
         except httpx.HTTPError as exc:
             raise FlasmaError(f"Cannot reach {base}/info: {exc or type(exc).__name__}.") from exc
+    if response.status_code == 401:
+        raise FlasmaError(f"{base}/info answered HTTP 401: pass the server's --token.")
     if response.status_code != 200:
         raise FlasmaError(f"{base}/info answered HTTP {response.status_code}; is it flasma-ws?")
     info = response.json()
@@ -366,9 +370,9 @@ class HttpConnection:
     gets slow with hundreds of waiters (an open loop beyond capacity collapsed to 25 q/s).
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, token: str | None) -> None:
         self.url = url
-        self.client = http_client(1)
+        self.client = http_client(token)
         self.lock = asyncio.Lock()
 
     async def post(self, body: bytes) -> tuple[str, TopK | None]:
@@ -572,7 +576,7 @@ class WsDriver:
         self.extra: set[asyncio.Task[None]] = set()
         config = run.config
         self.clients = [
-            Client(target.ws_url, binary=config.binary, connect_attempts=2)
+            Client(target.ws_url, binary=config.binary, connect_attempts=2, token=config.token)
             for _ in range(config.connections)
         ]
 
@@ -621,7 +625,9 @@ class HttpDriver:
     def __init__(self, run: Run, target: Target) -> None:
         self.run = run
         url = f"{target.http_url}/cos"
-        self.connections = [HttpConnection(url) for _ in range(run.config.connections)]
+        self.connections = [
+            HttpConnection(url, run.config.token) for _ in range(run.config.connections)
+        ]
         self.extra: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> HttpDriver:
@@ -876,7 +882,7 @@ async def run_load(
     on_point: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Probe the server, then one run (its report) or a sweep ({"sweep", "values", "points"})."""
-    target = await probe(config.url)
+    target = await probe(config.url, config.token)
     reference = Reference.for_server(target.info, config.npy) if config.verify else None
     server = {key: target.info.get(key) for key in ("n", "dim", "dtype", "device", "max_batch")}
     if sweep is None:

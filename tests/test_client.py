@@ -169,3 +169,13 @@ def test_sync_client(server: BackgroundServer, matrix: np.ndarray) -> None:
     for b, query in enumerate(queries):
         assert_exact(matrix, query, many.ids[b], many.scores[b], 4)
     assert error.value.code == "bad_k"
+
+
+async def test_token_is_sent_and_a_refusal_is_not_retried() -> None:
+    with BackgroundServer(SETTINGS.replace(token="s3cret")) as guarded:
+        async with Client(guarded.url, token="s3cret") as client:
+            assert (await client.query(np.ones(SETTINGS.dim), k=1)).ids.shape == (1,)
+        client = Client(guarded.url, connect_attempts=50, backoff_s=1.0)  # 401: no retries
+        with pytest.raises(ConnectionLost, match="HTTP 401"):
+            await asyncio.wait_for(client.connect(), timeout=5)
+        await client.close()

@@ -233,3 +233,14 @@ def test_url_and_sweep_parsing() -> None:
     assert parse_sweep("rate=100,2.5e3") == ("rate", [100.0, 2500.0])
     with pytest.raises(ConfigError):
         http_base("http://h:8090")
+
+
+def test_token(tmp_path: Path) -> None:
+    with BackgroundServer(SETTINGS.replace(token="s3cret")) as guarded:
+        code, output = loadtest("--url", guarded.url, "--count", "5")
+        assert code == 1 and "pass the server's --token" in output
+        for mode in ([], ["--http"]):
+            code, output = loadtest(
+                "--url", guarded.url, "--count", "5", "--token", "s3cret", "--verify", "3", *mode
+            )
+            assert code == 0, output

@@ -83,6 +83,10 @@ def loadtest(
         typer.Option(help="Draw throughput against p99 latency (PNG; needs flasma-ws[plot])."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random queries.")] = 0,
+    token: Annotated[
+        str | None,
+        typer.Option(help="Bearer token of a server started with --token.", envvar="FLASMA_TOKEN"),
+    ] = None,
     time_limit: Annotated[
         float,
         typer.Option(
@@ -112,6 +116,7 @@ def loadtest(
             verify=verify,
             npy=npy,
             seed=seed,
+            token=token,
             time_limit_s=time_limit,
         )
         swept = lt.parse_sweep(sweep) if sweep else None
