@@ -25,7 +25,9 @@ import threading
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
+import httpx
 import numpy as np
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
@@ -34,7 +36,17 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from .errors import FlasmaError, ServerError
 from .protocol import BINARY_HEADER, Codec
 
-__all__ = ["Client", "ConnectionLost", "Prepared", "ServerError", "SyncClient", "TopK"]
+__all__ = [
+    "Client",
+    "ConnectionLost",
+    "Prepared",
+    "ServerError",
+    "SyncClient",
+    "TopK",
+    "http_url",
+    "prepare",
+    "server_info",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -395,6 +407,28 @@ def _describe(exc: BaseException) -> str:
 def _describe_close(ws: ClientConnection) -> str:
     code, reason = ws.close_code, ws.close_reason
     return f"code {code}{': ' + reason if reason else ''}" if code is not None else "closed"
+
+
+def http_url(ws_url: str) -> str:
+    """http://host:port for ws://host:port/ws (https for wss): the same server's HTTP routes."""
+    parts = urlsplit(ws_url)
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme)
+    if scheme is None or not parts.netloc:
+        raise ValueError(f"Expected a URL like ws://HOST:PORT/ws; got {ws_url!r}.")
+    return urlunsplit((scheme, parts.netloc, "", "", ""))
+
+
+def server_info(url: str, *, token: str | None = None, timeout_s: float = 5.0) -> dict[str, Any]:
+    """GET /info of the server behind a ws:// URL: n, dim, top_k, max_k, demo, ... (blocking)."""
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else None
+    try:
+        response = httpx.get(
+            f"{http_url(url)}/info", headers=headers, timeout=timeout_s, trust_env=False
+        )
+        response.raise_for_status()
+    except httpx.HTTPError as exc:
+        raise ConnectionLost(f"Cannot read {http_url(url)}/info: {exc}") from exc
+    return response.json()
 
 
 class SyncClient:

@@ -21,14 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import numpy as np
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from .client import Client, ConnectionLost, Prepared, TopK, _pairs_to_topk, prepare
+from .client import Client, ConnectionLost, Prepared, TopK, _pairs_to_topk, http_url, prepare
 from .errors import ConfigError, FlasmaError, ServerError
 
 Arrival = Literal["constant", "poisson"]
@@ -111,12 +110,11 @@ class Target:
 
 
 def http_base(ws_url: str) -> str:
-    """http://host:port for ws://host:port/ws (https for wss): the same server's HTTP routes."""
-    parts = urlsplit(ws_url)
-    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme)
-    if scheme is None or not parts.netloc:
-        raise ConfigError(f"--url must look like ws://HOST:PORT/ws; got {ws_url!r}.")
-    return urlunsplit((scheme, parts.netloc, "", "", ""))
+    """The server's HTTP base URL (for /info, /metrics, /cos) from --url."""
+    try:
+        return http_url(ws_url)
+    except ValueError as exc:
+        raise ConfigError(f"--url must look like ws://HOST:PORT/ws; got {ws_url!r}.") from exc
 
 
 def http_client(token: str | None = None) -> httpx.AsyncClient:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from flasma_ws.client import Client, ConnectionLost, SyncClient, TopK
+from flasma_ws.client import Client, ConnectionLost, SyncClient, TopK, server_info
 from flasma_ws.errors import FlasmaError, ServerError
 from flasma_ws.server import BackgroundServer
 from flasma_ws.settings import Settings
@@ -179,3 +179,10 @@ async def test_token_is_sent_and_a_refusal_is_not_retried() -> None:
         with pytest.raises(ConnectionLost, match="HTTP 401"):
             await asyncio.wait_for(client.connect(), timeout=5)
         await client.close()
+
+
+def test_server_info(server: BackgroundServer) -> None:
+    info = server_info(server.url)
+    assert (info["dim"], info["n"]) == (SETTINGS.dim, SETTINGS.demo_size)
+    with pytest.raises(ConnectionLost):
+        server_info("ws://127.0.0.1:1/ws", timeout_s=1)
