@@ -72,6 +72,14 @@ class TopK(NamedTuple):
     ids: np.ndarray
     scores: np.ndarray
 
+    @classmethod
+    def from_pairs(cls, pairs: list[list[float]]) -> TopK:
+        """From one JSON answer's [[index, score], ...]."""
+        if not pairs:
+            return cls(np.empty(0, np.int64), np.empty(0, np.float32))
+        array = np.array(pairs, dtype=np.float64)  # float32 scores survive the round trip
+        return cls(array[:, 0].astype(np.int64), array[:, 1].astype(np.float32))
+
     def pairs(self) -> list[tuple[int, float]] | list[list[tuple[int, float]]]:
         """As lists of (index, score), like the JSON wire format."""
         if self.ids.ndim == 1:
@@ -350,9 +358,9 @@ class Client:
             error = answer["error"]
             future.set_exception(ServerError(error["code"], error["message"], answer.get("id")))
         elif "result" in answer:
-            future.set_result(_pairs_to_topk(answer["result"]))
+            future.set_result(TopK.from_pairs(answer["result"]))
         else:
-            parts = [_pairs_to_topk(result) for result in answer["results"]]
+            parts = [TopK.from_pairs(result) for result in answer["results"]]
             future.set_result(
                 TopK(np.stack([p.ids for p in parts]), np.stack([p.scores for p in parts]))
             )
@@ -370,13 +378,6 @@ class Client:
 
 
 _NOBODY: tuple[None, bool] = (None, False)  # an answer to a request nobody waits for any more
-
-
-def _pairs_to_topk(pairs: list[list[float]]) -> TopK:
-    if not pairs:
-        return TopK(np.empty(0, np.int64), np.empty(0, np.float32))
-    array = np.array(pairs, dtype=np.float64)
-    return TopK(array[:, 0].astype(np.int64), array[:, 1].astype(np.float32))
 
 
 def _retryable(exc: InvalidStatus) -> bool:

@@ -27,7 +27,7 @@ import numpy as np
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from .client import Client, ConnectionLost, Prepared, TopK, _pairs_to_topk, http_url, prepare
+from .client import Client, ConnectionLost, Prepared, TopK, http_url, prepare
 from .errors import ConfigError, FlasmaError, ServerError
 
 Arrival = Literal["constant", "poisson"]
@@ -72,6 +72,7 @@ class LoadConfig:
             (self.count is None or self.count >= 1, "--count must be at least 1."),
             (self.warmup_s >= 0, "--warmup must not be negative."),
             (self.k is None or self.k >= 1, "--k must be at least 1."),
+            (not self.binary or (self.k or 0) <= 65_535, "--k is at most 65535 with --binary."),
             (1 <= self.multi <= 65_535, "--multi must be from 1 to 65535."),
             (self.verify >= 0, "--verify must not be negative."),
             (self.time_limit_s > 0, "--time-limit must be positive."),
@@ -382,7 +383,7 @@ class HttpConnection:
                 return CONNECTION_ERROR, None
         answer = orjson.loads(response.content)
         if response.status_code == 200:
-            return "ok", _pairs_to_topk(answer["result"])
+            return "ok", TopK.from_pairs(answer["result"])
         error = answer.get("error") if isinstance(answer, dict) else None
         return (error or {}).get("code", f"http_{response.status_code}"), None
 
