@@ -1,7 +1,9 @@
 """Exact cosine top-k on TensorFlow. No asyncio, no sockets: arrays in, arrays out.
 
-The matrix lives on one device. Each batch is one matmul followed by an exact two-stage
-top-k, which is about twice as fast on CPU as `tf.math.top_k` over all N columns.
+The matrix lives on one device, stored transposed as (dim, N) variables. Each batch is one
+matmul followed by an exact two-stage top-k, which is about twice as fast on CPU as
+`tf.math.top_k` over all N columns; on CPU the whole graph costs 4-8% over the bare matmul
+(docs/benchmarks.md).
 
 Two-stage top-k, and why it is exact (ties included)
 ----------------------------------------------------
@@ -106,6 +108,11 @@ class Engine:
         self.n_blocks = self.n // self.block
         self.n_main = self.n_blocks * self.block
         self.buckets = batch_buckets(config.max_batch)
+        if config.dtype == "float16" and "CPU" in self.device:
+            log.warning(
+                "float16 matmul on CPU runs 3-4x slower than float32 (no float16 arithmetic); "
+                "bfloat16 also halves memory and is as fast as float32 or faster."
+            )
         self._load(progress)
         self._functions: dict[int, Callable[..., tuple[tf.Tensor, tf.Tensor]]] = {}
         self._trace = tf.function(self._search_graph, jit_compile=False, autograph=False)

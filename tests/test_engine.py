@@ -202,6 +202,22 @@ def test_low_precision_is_close(dtype: str) -> None:
     assert recall >= MIN_RECALL[dtype]
 
 
+def test_float16_on_cpu_warns(caplog: pytest.LogCaptureFixture) -> None:
+    cpu_engine(open_targets(None, 4, demo_size=20), dtype="float16", max_batch=1)
+    assert "bfloat16" in caplog.text
+
+
+# -- the bench's ceiling -----------------------------------------------------------------------
+def test_matmul_only_is_the_best_score() -> None:
+    targets = open_targets(None, 24, demo_size=700, demo_seed=3)
+    engine = cpu_engine(targets, max_batch=8, block_size=64)  # 10 blocks and a 60-row tail
+    queries = np.random.default_rng(6).standard_normal((5, 24), dtype=np.float32)
+    best = engine.matmul_only(queries)
+    ref = reference_scores(load_matrix(targets), queries)
+    np.testing.assert_allclose(best, ref.max(axis=1), rtol=0, atol=SCORE_TOL)
+    np.testing.assert_allclose(best, engine.search(queries, 1)[1][:, 0], rtol=0, atol=SCORE_TOL)
+
+
 # -- zero rows ---------------------------------------------------------------------------------
 def test_drop_zero_returns_file_rows(tmp_path: Path) -> None:
     matrix, queries = random_case(600, 10, 4, seed=21)
