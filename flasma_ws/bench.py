@@ -18,7 +18,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -31,7 +31,9 @@ from .vectors import Targets, load_matrix, open_targets
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
 DEFAULT_DIMS = (100, 300, 512, 768, 1024, 2048)
 
-# Flasma's published q/s on an RTX 3090 (N=100k, k=10), keyed by (batch, dim): shown beside ours.
+# Flasma's published q/s on an RTX 3090 with 100k targets, keyed by (batch, dim): shown beside
+# ours when --n is 100000 too.
+FLASMA_N = 100_000
 FLASMA_RTX3090: dict[tuple[int, int], float] = {
     (1, 100): 393,
     (128, 100): 4424,
@@ -54,6 +56,7 @@ class BenchConfig:
     device: str = "auto"
     seconds: float = 1.0
     compare: bool = False
+    recall: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -86,7 +89,9 @@ class Result:
     qps: float
     matmul_qps: float | None = None
     faiss_qps: float | None = None
-    flasma_rtx3090_qps: float | None = field(default=None)
+    flasma_rtx3090_qps: float | None = None
+    recall: float | None = None  # with --recall: recall@k of this dim's queries vs float64
+    max_score_error: float | None = None
 
     @property
     def over_matmul(self) -> float | None:
@@ -103,6 +108,18 @@ class Result:
         if self.over_faiss is not None:
             out["engine_over_faiss"] = self.over_faiss
         return out
+
+
+@dataclass
+class Accuracy:
+    """The engine's answers for the bench queries against a float64 numpy brute force."""
+
+    dim: int
+    dtype: str
+    queries: int
+    k: int
+    recall: float  # mean |engine top-k & exact top-k| / k
+    max_score_error: float  # largest |engine score - exact score| at the same rank
 
 
 def parse_int_list(text: str, option: str) -> tuple[int, ...]:
@@ -145,6 +162,40 @@ def normalized(queries: np.ndarray) -> np.ndarray:
     return (queries / norms).astype(np.float32)
 
 
+def exact_top_k(targets: Targets, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 brute force over the stored (normalized float32) rows, a chunk at a time:
+    (B, k) engine row numbers and scores, best first."""
+    q = queries.astype(np.float64)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    rows = np.empty((q.shape[0], 0), np.int64)
+    scores = np.empty((q.shape[0], 0))
+    for start, block in targets.chunks(8192):
+        block_rows = np.arange(start, start + block.shape[0])
+        rows = np.concatenate([rows, np.broadcast_to(block_rows, (q.shape[0], block.shape[0]))], 1)
+        scores = np.concatenate([scores, q @ block.astype(np.float64).T], axis=1)
+        if scores.shape[1] > k:
+            keep = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            rows, scores = np.take_along_axis(rows, keep, 1), np.take_along_axis(scores, keep, 1)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return np.take_along_axis(rows, order, 1), np.take_along_axis(scores, order, 1)
+
+
+def accuracy(engine: Engine, queries: np.ndarray, k: int) -> Accuracy:
+    """Recall@k and the largest rank-by-rank score error against `exact_top_k`."""
+    rows, scores = engine.search(queries, k)
+    exact_rows, exact_scores = exact_top_k(engine.targets, queries, k)
+    exact_rows = engine.targets.original_index(exact_rows)
+    hits = [len(set(r.tolist()) & set(e.tolist())) for r, e in zip(rows, exact_rows, strict=True)]
+    return Accuracy(
+        dim=engine.dim,
+        dtype=engine.config.dtype,
+        queries=len(rows),
+        k=k,
+        recall=float(np.mean(hits)) / k,
+        max_score_error=float(np.abs(scores - exact_scores).max()),
+    )
+
+
 class _Subject:
     """One dimension's data and the searchers under test."""
 
@@ -167,6 +218,7 @@ class _Subject:
             self.index = faiss.IndexFlatIP(dim)
             self.index.add(load_matrix(self.targets))
             self.faiss_queries = normalized(self.queries)
+        self.accuracy = accuracy(self.engine, self.queries, config.k) if config.recall else None
 
     def measure(self, batch: int) -> Result:
         config, queries = self.config, self.queries[:batch]
@@ -179,8 +231,13 @@ class _Subject:
             device=self.engine.device,
             dtype=config.dtype,
             qps=batch / per_call,
-            flasma_rtx3090_qps=FLASMA_RTX3090.get((batch, self.targets.dim)),
+            flasma_rtx3090_qps=(
+                FLASMA_RTX3090.get((batch, self.targets.dim)) if config.n == FLASMA_N else None
+            ),
         )
+        if self.accuracy is not None:
+            result.recall = self.accuracy.recall
+            result.max_score_error = self.accuracy.max_score_error
         if config.compare:
             per_call = time_calls(lambda: self.engine.matmul_only(queries), config.seconds)
             result.matmul_qps = batch / per_call
@@ -201,7 +258,7 @@ def run_bench(
     done = 0
     for dim in config.dims:
         if progress is not None:
-            progress(f"d={dim}: building {config.n:,} x {dim} and tracing", done)
+            progress(f"d={dim}: building {config.n:,} x {dim}, tracing, checking", done)
         subject = _Subject(config, dim, faiss)
         for batch in config.batches:
             if progress is not None:

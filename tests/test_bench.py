@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from flasma_ws.bench import BenchConfig, parse_int_list, time_calls
+from flasma_ws.bench import (
+    FLASMA_RTX3090,
+    BenchConfig,
+    Result,
+    engine_cell,
+    parse_int_list,
+    time_calls,
+)
 from flasma_ws.cli import app
 from flasma_ws.errors import ConfigError
 
@@ -16,10 +23,19 @@ from flasma_ws.errors import ConfigError
 def test_bench_compare_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     args = ["bench", "--n", "500", "--dims", "100", "--batches", "1,4", "--k", "5"]
-    args += ["--device", "cpu", "--seconds", "0.02", "--compare", "--json-out", str(out)]
+    args += [
+        "--device",
+        "cpu",
+        "--seconds",
+        "0.02",
+        "--compare",
+        "--recall",
+        "--json-out",
+        str(out),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "d=100" in result.output and "(3090: 393)" in result.output
+    assert "d=100" in result.output and "3090:" not in result.output  # Flasma's N was 100k
     report = json.loads(out.read_text())
     assert report["dtype"] == "float32" and "CPU" in report["device"]
     cells = report["results"]
@@ -32,6 +48,7 @@ def test_bench_compare_writes_json(tmp_path: Path) -> None:
         assert cell["engine_over_matmul"] == pytest.approx(cell["qps"] / cell["matmul_qps"])
         assert cell["engine_over_faiss"] == pytest.approx(cell["qps"] / cell["faiss_qps"])
         assert cell["dtype"] == "float32" and cell["device"] == report["device"]
+        assert cell["recall"] == 1.0 and cell["max_score_error"] < 1e-5
 
 
 def test_bench_markdown_without_compare() -> None:
@@ -46,6 +63,13 @@ def test_bench_bad_option_is_one_line() -> None:
     result = CliRunner().invoke(app, ["bench", "--n", "10", "--k", "11"])
     assert result.exit_code == 1
     assert "--k must be between 1 and --n" in result.output
+
+
+def test_flasma_figures_sit_beside_ours() -> None:
+    result = Result(batch=1, dim=100, n=100_000, k=10, device="cpu", dtype="float32", qps=512.3)
+    result.flasma_rtx3090_qps = FLASMA_RTX3090[(1, 100)]
+    assert engine_cell(result) == "512 (3090: 393)"
+    assert "flasma_rtx3090_qps" in result.to_json() and "matmul_qps" not in result.to_json()
 
 
 def test_parse_int_list() -> None:

@@ -47,6 +47,13 @@ def bench(
     json_out: Annotated[
         Path | None, typer.Option(help="Write the results as JSON to this file.")
     ] = None,
+    recall: Annotated[
+        bool,
+        typer.Option(
+            help="Also check the engine's answers for the bench queries against a float64 "
+            "brute force: recall@k and the largest score error, per dimension."
+        ),
+    ] = False,
     markdown: Annotated[bool, typer.Option(help="Print Markdown tables instead.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the generated matrix and queries.")] = 0,
 ) -> None:
@@ -63,6 +70,7 @@ def bench(
             device=device,
             seconds=seconds,
             compare=compare,
+            recall=recall,
             seed=seed,
         )
         faiss = lib.load_faiss() if compare else None
@@ -106,7 +114,7 @@ def _print(config: BenchConfig, results: list[Result], markdown: bool) -> None:
     first = results[0]
     head = f"N={config.n:,}, k={config.k}, {first.dtype} on {first.device}"
     tables: list[tuple[str, Callable[[Result], str]]] = [
-        (f"Engine q/s ({head}; Flasma RTX 3090 in brackets)", lib.engine_cell)
+        (f"Engine q/s ({head}; Flasma's RTX 3090 figures in parentheses)", lib.engine_cell)
     ]
     if config.compare:
         tables.append(
@@ -116,6 +124,8 @@ def _print(config: BenchConfig, results: list[Result], markdown: bool) -> None:
         if any(r.faiss_qps is not None for r in results):
             tables.append(("FAISS IndexFlatIP q/s", lambda r: lib.format_qps(r.faiss_qps)))
             tables.append(("engine / FAISS", lambda r: lib.format_ratio(r.over_faiss)))
+    if config.recall:
+        _print_accuracy(config, results, markdown)
     for title, cell in tables:
         if markdown:
             typer.echo(f"\n**{title}**\n\n{lib.markdown_table(results, cell)}")
@@ -132,3 +142,26 @@ def _rich_table(batches: list[int], dims: list[int], cells: dict[tuple[int, int]
     for b in batches:
         table.add_row(str(b), *(cells.get((b, d), "") for d in dims))
     return table
+
+
+def _print_accuracy(config: BenchConfig, results: list[Result], markdown: bool) -> None:
+    per_dim = {r.dim: r for r in results}
+    title = f"Accuracy vs float64 brute force ({max(config.batches)} queries per dim)"
+    rows = [
+        (f"recall@{config.k}", [f"{r.recall:.4f}" for r in per_dim.values()]),
+        ("max score error", [f"{r.max_score_error:.1e}" for r in per_dim.values()]),
+    ]
+    if markdown:
+        head = "| | " + " | ".join(f"d={d}" for d in per_dim) + " |"
+        lines = [head, "|---|" + "---:|" * len(per_dim)]
+        lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows]
+        typer.echo(f"\n**{title}**\n\n" + "\n".join(lines))
+        return
+    table = Table()
+    table.add_column("")
+    for d in per_dim:
+        table.add_column(f"d={d}", justify="right")
+    for name, cells in rows:
+        table.add_row(name, *cells)
+    console.print(f"\n[bold]{title}[/bold]")
+    console.print(table)
