@@ -43,6 +43,9 @@ ERROR_CODES = (
 
 BINARY_HEADER = struct.Struct("<QHHI")
 MAX_TIMEOUT_MS = 3_600_000
+MAX_ID_CHARS = 1024
+_MIN_ID, _MAX_ID = -(2**63), 2**64 - 1  # what orjson can write back
+_NUMBER_TYPES = frozenset({int, float})
 _WS_KEYS = frozenset({"id", "embedding", "embeddings", "k", "timeout_ms"})
 _COS_KEYS = frozenset({"embedding", "k", "timeout_ms"})
 
@@ -162,8 +165,12 @@ class Codec:
                     f"dimension {self.dim}.",
                 )
             # JSON true/false would silently become 1.0/0.0 in numpy.
-            if bool in set(map(type, row)):
-                raise ProtocolError(BAD_VALUE, "Embeddings must hold numbers, not true/false.")
+            kinds = set(map(type, row))
+            if not kinds <= _NUMBER_TYPES:
+                # numpy would turn true/false into 1/0, "1.5" into 1.5 and nested lists into 3-D.
+                if bool in kinds:
+                    raise ProtocolError(BAD_VALUE, "Embeddings must hold numbers, not true/false.")
+                raise ProtocolError(BAD_REQUEST, "Embeddings must hold only numbers.")
         try:
             wide = np.array(rows, dtype=np.float64)
         except (ValueError, TypeError, OverflowError) as exc:
@@ -275,10 +282,23 @@ def _load_lenient_json(data: str | bytes) -> object:
 
 
 def _read_id(obj: dict) -> RequestId:
-    """The request id when it is a string or an integer (JSON type kept), else None."""
+    """The request id when it is a string or an integer (JSON type kept), else None.
+
+    Only ids we can write back are read: integers within 64 bits (orjson's limit) and
+    strings of at most MAX_ID_CHARS that are valid Unicode (no lone surrogates)."""
     request_id = obj.get("id")
-    if isinstance(request_id, str) or (type(request_id) is int):
+    if type(request_id) is int and _MIN_ID <= request_id <= _MAX_ID:
         return request_id
+    if isinstance(request_id, str) and len(request_id) <= MAX_ID_CHARS:
+        try:
+            request_id.encode("utf-8")
+            return request_id
+        except UnicodeEncodeError:
+            pass
     if "id" in obj:
-        raise ProtocolError(BAD_REQUEST, '"id" must be a string or an integer.')
+        raise ProtocolError(
+            BAD_REQUEST,
+            f'"id" must be a string of at most {MAX_ID_CHARS} characters or an integer from '
+            f"{_MIN_ID} to {_MAX_ID}.",
+        )
     return None
