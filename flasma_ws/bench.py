@@ -7,7 +7,8 @@ For each dimension one demo matrix is built once; for each batch size the same q
     exact top-k on the same device and dtype), and
   - FAISS `IndexFlatIP` (exact, float32, CPU, its default OpenMP threads) over the same
     normalized rows with the same normalized queries.
-Each is called once untimed first, then repeatedly for `seconds`; q/s = queries / wall time.
+Each is called once untimed first, then repeatedly for `seconds`; q/s = batch size / median
+seconds per call.
 """
 
 from __future__ import annotations
@@ -138,15 +139,19 @@ def parse_int_list(text: str, option: str) -> tuple[int, ...]:
 
 
 def time_calls(call: Callable[[], object], seconds: float, min_calls: int = 3) -> float:
-    """Seconds per call: one untimed call, then calls until `seconds` pass (at least min_calls)."""
+    """Median seconds per call: one untimed call, then calls for `seconds` (at least min_calls).
+
+    The median rather than the mean so that a burst of other work on a shared machine does not
+    decide the figure; every method is timed the same way.
+    """
     call()
-    calls, started = 0, time.perf_counter()
-    while True:
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while len(times) < min_calls or time.perf_counter() < deadline:
+        started = time.perf_counter()
         call()
-        calls += 1
-        elapsed = time.perf_counter() - started
-        if elapsed >= seconds and calls >= min_calls:
-            return elapsed / calls
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
 
 
 def load_faiss() -> Any | None:
@@ -303,6 +308,7 @@ def report(config: BenchConfig, results: list[Result]) -> dict[str, Any]:
         "n": config.n,
         "k": config.k,
         "seconds_per_cell": config.seconds,
+        "qps_is": "batch size / median wall seconds per call, after one untimed call",
         "machine": machine(),
         "matmul_qps_includes": (
             "query conversion, padding to the bucket, the TensorFlow call, normalization, the "
