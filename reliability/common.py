@@ -65,8 +65,9 @@ class ServerProcess:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def stop(self, timeout_s: float = 30.0) -> int:
-        """SIGTERM (the server drains), then wait; returns the exit status."""
+    def stop(self, timeout_s: float = 60.0) -> tuple[int, float]:
+        """SIGTERM (the server drains), then wait; (exit status, seconds it took). -9: killed."""
+        started = time.monotonic()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -74,7 +75,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        return int(self.process.returncode)
+        return int(self.process.returncode), time.monotonic() - started
 
 
 def spawn_server(args: Sequence[str], log: Path, ready_timeout_s: float = 180.0) -> ServerProcess:
