@@ -285,6 +285,7 @@ def machine() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "tensorflow": tf.__version__,
         "numpy": np.__version__,
+        "faiss": getattr(load_faiss(), "__version__", None),
     }
 
 
