@@ -70,6 +70,8 @@ class Connection:
                 if self.inflight >= self.max_inflight:
                     self.room.clear()
                     await self.room.wait()
+                    if not self.alive:  # the sender found the client gone
+                        break
                 message = await receive()
                 if message["type"] == "websocket.disconnect":
                     break
@@ -145,8 +147,9 @@ class Connection:
                     return
         except asyncio.CancelledError:
             raise
-        except Exception:  # the client went away mid-send; the reader notices the disconnect
+        except Exception:  # the client went away mid-send
             self.alive = False
+            self.room.set()  # a reader parked at the in-flight cap must wake up to leave
 
     async def close_after_flush(self, code: int) -> None:
         """Send every pending answer, then close with `code` (1001 when the server drains)."""

@@ -63,11 +63,6 @@ def open_connections(server: BackgroundServer) -> float:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug 4 in docs/reliability.md: a connection at the --max-inflight cap is "
-    "never released when its client vanishes",
-)
 async def test_client_vanishing_at_the_inflight_cap_releases_its_connection():
     settings = fuzz.server_settings().replace(max_inflight=8, drain_timeout_s=1)
     with BackgroundServer(settings) as server:
