@@ -7,8 +7,8 @@ For each dimension one demo matrix is built once; for each batch size the same q
     exact top-k on the same device and dtype), and
   - FAISS `IndexFlatIP` (exact, float32, CPU, its default OpenMP threads) over the same
     normalized rows with the same normalized queries.
-Each is called once untimed first, then repeatedly for `seconds`; q/s = batch size / median
-seconds per call.
+Each is called once untimed first, then timed for `seconds` in turns taken in rotation with the
+others; q/s = batch size / median seconds per call.
 """
 
 from __future__ import annotations
@@ -138,20 +138,29 @@ def parse_int_list(text: str, option: str) -> tuple[int, ...]:
         raise ConfigError(f"{option} takes integers separated by commas, got {text!r}.") from None
 
 
-def time_calls(call: Callable[[], object], seconds: float, min_calls: int = 3) -> float:
-    """Median seconds per call: one untimed call, then calls for `seconds` (at least min_calls).
+ROUNDS = 5  # each method's seconds are split into this many turns, taken in rotation
 
-    The median rather than the mean so that a burst of other work on a shared machine does not
-    decide the figure; every method is timed the same way.
+
+def time_calls(
+    calls: dict[str, Callable[[], object]], seconds: float, rounds: int = ROUNDS
+) -> dict[str, float]:
+    """Median seconds per call of each method, timed for `seconds` each (at least 3 calls).
+
+    Each is called once untimed, then the methods take turns of seconds/rounds, so a burst of
+    other work on a shared machine lands on all of them alike; the median rather than the mean
+    keeps such bursts from deciding the figure.
     """
-    call()
-    times: list[float] = []
-    deadline = time.perf_counter() + seconds
-    while len(times) < min_calls or time.perf_counter() < deadline:
-        started = time.perf_counter()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for call in calls.values():
         call()
-        times.append(time.perf_counter() - started)
-    return float(np.median(times))
+    for turn in range(rounds):
+        for name, call in calls.items():
+            deadline = time.perf_counter() + seconds / rounds
+            while time.perf_counter() < deadline or (turn == rounds - 1 and len(times[name]) < 3):
+                started = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - started)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def load_faiss() -> Any | None:
@@ -227,7 +236,17 @@ class _Subject:
 
     def measure(self, batch: int) -> Result:
         config, queries = self.config, self.queries[:batch]
-        per_call = time_calls(lambda: self.engine.search(queries, config.k), config.seconds)
+        calls: dict[str, Callable[[], object]] = {
+            "engine": lambda: self.engine.search(queries, config.k)
+        }
+        if config.compare:
+            calls["matmul"] = lambda: self.engine.matmul_only(queries)
+        if self.index is not None:
+            faiss_queries = self.faiss_queries[:batch]
+            calls["faiss"] = lambda: self.index.search(faiss_queries, config.k)
+        qps = {
+            name: batch / per_call for name, per_call in time_calls(calls, config.seconds).items()
+        }
         result = Result(
             batch=batch,
             dim=self.targets.dim,
@@ -235,7 +254,9 @@ class _Subject:
             k=config.k,
             device=self.engine.device,
             dtype=config.dtype,
-            qps=batch / per_call,
+            qps=qps["engine"],
+            matmul_qps=qps.get("matmul"),
+            faiss_qps=qps.get("faiss"),
             flasma_rtx3090_qps=(
                 FLASMA_RTX3090.get((batch, self.targets.dim)) if config.n == FLASMA_N else None
             ),
@@ -243,15 +264,6 @@ class _Subject:
         if self.accuracy is not None:
             result.recall = self.accuracy.recall
             result.max_score_error = self.accuracy.max_score_error
-        if config.compare:
-            per_call = time_calls(lambda: self.engine.matmul_only(queries), config.seconds)
-            result.matmul_qps = batch / per_call
-        if self.index is not None:
-            faiss_queries = self.faiss_queries[:batch]
-            per_call = time_calls(
-                lambda: self.index.search(faiss_queries, config.k), config.seconds
-            )
-            result.faiss_qps = batch / per_call
         return result
 
 
@@ -309,7 +321,10 @@ def report(config: BenchConfig, results: list[Result]) -> dict[str, Any]:
         "n": config.n,
         "k": config.k,
         "seconds_per_cell": config.seconds,
-        "qps_is": "batch size / median wall seconds per call, after one untimed call",
+        "qps_is": (
+            "batch size / median wall seconds per call, after one untimed call; the methods "
+            f"are timed in {ROUNDS} alternating turns"
+        ),
         "machine": machine(),
         "matmul_qps_includes": (
             "query conversion, padding to the bucket, the TensorFlow call, normalization, the "

@@ -82,7 +82,11 @@ def test_parse_int_list() -> None:
         BenchConfig(batches=(0,))
 
 
-def test_time_calls_makes_at_least_min_calls() -> None:
-    calls: list[int] = []
-    assert time_calls(lambda: calls.append(1), seconds=0.0, min_calls=3) >= 0
-    assert len(calls) == 4  # one untimed, three timed
+def test_time_calls_takes_turns() -> None:
+    order: list[str] = []
+    medians = time_calls(
+        {"a": lambda: order.append("a"), "b": lambda: order.append("b")}, seconds=0.0, rounds=2
+    )
+    assert set(medians) == {"a", "b"} and min(medians.values()) >= 0
+    assert order[:2] == ["a", "b"]  # the untimed calls
+    assert order.count("a") == order.count("b") == 4  # one untimed, at least three timed
