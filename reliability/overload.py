@@ -11,9 +11,11 @@ Phases, against a server subprocess with a modest queue and deadline:
 4. drop: back to the light rate; p50 per 100 ms window (by send time) after the drop.
 
 Checks (exit 1 on failure): every request answered exactly once; excess requests get
-`overloaded` at once (p99 under --fast-ms); accepted requests meet their deadline (99% of
-results within --timeout-ms, none beyond twice it); latency is back to normal (every window's
-p50 within 2x + 5 ms of the light p50) within 1 s of the drop.
+`overloaded` at once (p99 under --fast-ms); accepted requests meet their deadline as the
+server defines it (the deadline is checked when a query's batch starts, so a result may come
+one batch later: every result within --timeout-ms plus twice the mean engine batch time of
+the overload phase); latency is back to normal (every window's p50 within 2x + 5 ms of the
+light p50) within 1 s of the drop.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import asyncio
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,7 +34,7 @@ import numpy as np
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
 
-from .common import ServerProcess, percentiles_ms, spawn_server, warn_if_busy
+from .common import ServerProcess, metrics, percentiles_ms, spawn_server, warn_if_busy
 
 WINDOW_S = 0.1
 
@@ -127,6 +130,16 @@ async def open_loop(fleet: Fleet, phase: str, rate: float, seconds: float) -> fl
     return sent / (time.perf_counter() - started)
 
 
+def engine_totals(http_url: str) -> tuple[float, float]:
+    values = metrics(http_url)
+    return values["flasma_engine_seconds_sum"], values["flasma_engine_seconds_count"]
+
+
+def mean_batch_s(before: tuple[float, float], after: tuple[float, float]) -> float:
+    batches = after[1] - before[1]
+    return (after[0] - before[0]) / batches if batches else 0.0
+
+
 def window_p50s(requests: list[Request], start: float) -> list[tuple[float, float, int]]:
     """(window start s, p50 ms of results, results) per 100 ms window by send time."""
     by_window: dict[int, list[float]] = {}
@@ -146,6 +159,55 @@ def recovery_s(windows: list[tuple[float, float, int]], normal_ms: float) -> flo
         if all(p50 <= limit for _, p50, _ in windows[i:]):
             return start
     return None
+
+
+@dataclass
+class Probe:
+    """Server side, every 100 ms from a thread: queue depth and the ws latency histogram; and
+    this client's event-loop lag (a saturated client inflates every latency it measures)."""
+
+    http_url: str
+    samples: list[tuple[float, float, dict[float, float]]] = field(default_factory=list)
+    lags: list[tuple[float, float]] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def scrape(self) -> None:
+        while not self.stop.wait(WINDOW_S):
+            asked = time.perf_counter()
+            values = metrics(self.http_url)
+            # A busy server answers late; the state was read somewhere in between.
+            when = (asked + time.perf_counter()) / 2
+            buckets = {
+                float(key.split('le="', 1)[1].split('"', 1)[0]): value
+                for key, value in values.items()
+                if key.startswith("flasma_request_latency_seconds_bucket") and 'route="ws"' in key
+            }
+            self.samples.append((when, values["flasma_queue_depth"], buckets))
+
+    async def watch_loop(self) -> None:
+        while not self.stop.is_set():
+            before = time.perf_counter()
+            await asyncio.sleep(0.01)
+            self.lags.append((before, time.perf_counter() - before - 0.01))
+
+    def windows(self, start: float) -> list[tuple[float, float, float, float]]:
+        """(window start s, queue depth, server p50 bucket ms, client loop lag max ms)."""
+        rows = []
+        for (t0, _, b0), (t1, depth, b1) in zip(self.samples, self.samples[1:]):
+            if t1 < start:
+                continue
+            lag = max((x for t, x in self.lags if t0 <= t < t1), default=0.0)
+            rows.append((t0 - start, depth, bucket_p50_ms(b0, b1), lag * 1000))
+        return rows
+
+
+def bucket_p50_ms(before: dict[float, float], after: dict[float, float]) -> float:
+    """Upper bound of the histogram bucket holding the median of the answers in between."""
+    total = after.get(float("inf"), 0) - before.get(float("inf"), 0)
+    for bound in sorted(after):
+        if total and after[bound] - before.get(bound, 0) >= total / 2:
+            return bound * 1000
+    return float("nan")
 
 
 def describe(requests: list[Request], outcome: str) -> str:
@@ -168,15 +230,32 @@ async def scenario(server: ServerProcess, args: argparse.Namespace) -> bool:
     capacity = await closed_loop(fleet, args.window, args.capacity_seconds)
     await fleet.settle()
     light_rate, heavy_rate = args.light * capacity, args.factor * capacity
+    probe = Probe(server.http_url)
+    threading.Thread(target=probe.scrape, daemon=True).start()
+    watcher = asyncio.create_task(probe.watch_loop())
     await open_loop(fleet, "light", light_rate, args.light_seconds)
+    engine_before = engine_totals(server.http_url)
     offered = await open_loop(fleet, "overload", heavy_rate, args.overload_seconds)
+    batch_s = mean_batch_s(engine_before, engine_totals(server.http_url))
     drop = time.perf_counter()
     await open_loop(fleet, "drop", light_rate, args.drop_seconds)
+    probe.stop.set()
+    await watcher
     await fleet.settle()
     for ws in sockets:
         await ws.close()
     await asyncio.gather(*readers, return_exceptions=True)
-    return report(fleet, args, capacity, light_rate, offered, drop)
+    print_probe(probe, drop)
+    return report(fleet, args, capacity, light_rate, offered, drop, batch_s)
+
+
+def print_probe(probe: Probe, drop: float) -> None:
+    rows = probe.windows(drop - 1.0)
+    print(
+        "from 1 s before the drop, per 100 ms: queue depth / server-side p50 bucket ms / "
+        "client loop lag max ms"
+    )
+    print("  " + ", ".join(f"{t:+.1f}s {d:.0f}/{p:g}/{lag:.0f}" for t, d, p, lag in rows[:30]))
 
 
 def report(
@@ -186,14 +265,21 @@ def report(
     light_rate: float,
     offered: float,
     drop: float,
+    batch_s: float,
 ) -> bool:
     light, heavy, after = fleet.phase("light"), fleet.phase("overload"), fleet.phase("drop")
-    normal_ms = percentiles_ms([r.latency for r in light if r.outcome == "ok"], [50])[0]
+    # Normal: the light load once settled (its first second follows the closed loop's backlog).
+    settled = min(r.sent for r in light) + 1.0
+    normal_ms = percentiles_ms(
+        [r.latency for r in light if r.outcome == "ok" and r.sent >= settled], [50]
+    )[0]
     outcomes = Counter(r.outcome for r in heavy)
     print(
         f"capacity (closed loop, {args.window} in flight x {args.connections}): {capacity:.0f} q/s"
     )
-    print(f"light load {light_rate:.0f} q/s: " + describe(light, "ok"))
+    print(
+        f"light load {light_rate:.0f} q/s: {describe(light, 'ok')}; normal p50 {normal_ms:.1f} ms"
+    )
     print(
         f"overload: offered {offered:.0f} q/s ({offered / capacity:.1f}x) for "
         f"{args.overload_seconds} s: {dict(outcomes)}"
@@ -203,7 +289,12 @@ def report(
     results = [r.latency for r in heavy if r.outcome == "ok"]
     deadline_s = args.timeout_ms / 1000
     within = sum(x <= deadline_s for x in results) / max(1, len(results))
-    print(f"  results within the {args.timeout_ms} ms deadline: {100 * within:.2f}%")
+    allowed_s = deadline_s + 2 * batch_s
+    print(
+        f"  results within the {args.timeout_ms} ms deadline: {100 * within:.2f}%; mean engine "
+        f"batch {1000 * batch_s:.0f} ms; latest result {1000 * max(results, default=0):.0f} ms "
+        f"(allowed {1000 * allowed_s:.0f} ms)"
+    )
     windows = window_p50s(after, drop)
     recovered = recovery_s(windows, normal_ms)
     print(
@@ -219,8 +310,7 @@ def report(
         "every request answered exactly once": fleet.unanswered() == 0 and fleet.duplicates == 0,
         "overload reached (some requests refused)": outcomes["overloaded"] > 0,
         f"overloaded answered at once (p99 {fast:.1f} < {args.fast_ms} ms)": fast < args.fast_ms,
-        "results meet the deadline (99% within, none > 2x)": within >= 0.99
-        and max(results, default=0) <= 2 * deadline_s,
+        "results meet the deadline (started before it)": max(results, default=0) <= allowed_s,
         "latency normal within 1 s of the drop": recovered is not None and recovered <= 1.0,
     }
     for name, ok in checks.items():
@@ -238,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=16, help="closed loop, per connection")
     parser.add_argument("--capacity-seconds", type=float, default=5.0)
     parser.add_argument("--light", type=float, default=0.3, help="light rate, x capacity")
-    parser.add_argument("--light-seconds", type=float, default=3.0)
+    parser.add_argument("--light-seconds", type=float, default=4.0)
     parser.add_argument("--factor", type=float, default=3.0, help="overload rate, x capacity")
     parser.add_argument("--overload-seconds", type=float, default=5.0)
     parser.add_argument("--drop-seconds", type=float, default=3.0)
