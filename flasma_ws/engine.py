@@ -2,8 +2,8 @@
 
 The matrix lives on one device, stored transposed as (dim, N) variables. Each batch is one
 matmul followed by an exact two-stage top-k, which is about twice as fast on CPU as
-`tf.math.top_k` over all N columns; on CPU the whole graph costs 4-8% over the bare matmul
-(docs/benchmarks.md).
+`tf.math.top_k` over all N columns; on CPU the whole search costs 0-14 % more than the bare
+matmul (docs/benchmarks.md).
 
 Two-stage top-k, and why it is exact (ties included)
 ----------------------------------------------------
@@ -110,8 +110,8 @@ class Engine:
         self.buckets = batch_buckets(config.max_batch)
         if config.dtype == "float16" and "CPU" in self.device:
             log.warning(
-                "float16 matmul on CPU runs 3-4x slower than float32 (no float16 arithmetic); "
-                "bfloat16 also halves memory and is as fast as float32 or faster."
+                "float16 matmul on CPU runs 2-5x slower than float32 (no float16 arithmetic); "
+                "bfloat16 also halves memory and is faster than float32 from batch 16 up."
             )
         self._load(progress)
         self._functions: dict[int, Callable[..., tuple[tf.Tensor, tf.Tensor]]] = {}
@@ -141,7 +141,7 @@ class Engine:
         except tf.errors.ResourceExhaustedError as exc:
             raise EngineOutOfMemory(
                 f"The {self.n}x{self.dim} matrix does not fit on {self.device}; "
-                "try --dtype float16 or --device cpu."
+                "try --dtype bfloat16 or float16, or --device cpu."
             ) from exc
 
     def _zeros(self, columns: int) -> tf.Variable:
