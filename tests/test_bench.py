@@ -90,3 +90,14 @@ def test_time_calls_takes_turns() -> None:
     assert set(medians) == {"a", "b"} and min(medians.values()) >= 0
     assert order[:2] == ["a", "b"]  # the untimed calls
     assert order.count("a") == order.count("b") == 4  # one untimed, at least three timed
+
+
+def test_compare_without_faiss_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import flasma_ws.bench
+
+    monkeypatch.setattr(flasma_ws.bench, "load_faiss", lambda: None)
+    args = ["bench", "--n", "200", "--dims", "4", "--batches", "1", "--seconds", "0.01"]
+    result = CliRunner().invoke(app, [*args, "--compare"])
+    assert result.exit_code == 0, result.output
+    assert "flasma-ws[bench]" in result.output and "matmul-only" in result.output
+    assert "FAISS IndexFlatIP q/s" not in result.output

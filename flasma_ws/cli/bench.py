@@ -41,7 +41,7 @@ def bench(
         bool,
         typer.Option(
             help="Also time TensorFlow matmul-only (the ceiling) and FAISS IndexFlatIP "
-            "(needs flasma-ws[bench]) on the same data."
+            "(needs flasma-ws\\[bench]) on the same data."
         ),
     ] = False,
     json_out: Annotated[
@@ -76,8 +76,10 @@ def bench(
         faiss = lib.load_faiss() if compare else None
         if compare and faiss is None:
             console.print(
-                "[yellow]FAISS is not installed: comparing with TensorFlow matmul-only alone. "
-                "Install it with: pip install 'flasma-ws[bench]'[/yellow]"
+                "FAISS is not installed: comparing with TensorFlow matmul-only alone. "
+                "Install it with: pip install 'flasma-ws[bench]'",
+                style="yellow",
+                markup=False,
             )
         results = _run(config, faiss)
     except FlasmaError as exc:
