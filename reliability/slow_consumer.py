@@ -176,8 +176,8 @@ async def scenario(server: ServerProcess, args: argparse.Namespace) -> bool:
         rss_slow = sampler.peak
         pushed_to_slow = answered_ok(http) - before - loaded.answered
         sent_by_slow = slow.sent
-    slow.abort()
-    left_open = wait_open_connections(http, 0, timeout_s=10)
+    slow.abort()  # the socket closes on the next loop iteration: wait off the loop
+    left_open = await asyncio.to_thread(wait_open_connections, http, 0, 10)
     rss_end = server.rss_mib()
 
     header = ("sent", "answered", "p50 ms", "p99 ms", "max ms")
