@@ -80,6 +80,8 @@ class ServerProcess:
 
 def spawn_server(args: Sequence[str], log: Path, ready_timeout_s: float = 180.0) -> ServerProcess:
     """Start a server subprocess and wait for /healthz 200; its output goes to `log`."""
+    # SIGTERM to this script runs its `finally: server.stop()` rather than orphaning the server.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     port = free_port()
     command = [sys.executable, "-m", "flasma_ws", "serve", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--log-level", "warning", *args]
