@@ -6,6 +6,8 @@ the engine copies chunk by chunk straight onto its device.
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ from .errors import VectorFileError
 Layout = Literal["standard", "legacy", "demo"]
 Progress = Callable[[int], None]  # called with the number of rows just processed
 
-CHUNK_ROWS = 65_536
+CHUNK_BYTES = 32 * 1024 * 1024  # per chunk read: bounded temporaries whatever the dim
 DEMO_CHUNK_ROWS = 4_096  # demo rows come from one RNG stream per chunk, so any slice is cheap
 # A row whose float64 norm is within this of 1 is already unit length in float32 and is
 # kept bit for bit, so legacy files (stored normalized) load exactly as written.
@@ -36,6 +38,10 @@ class VectorSource:
     array: np.ndarray | None = None  # the memory map (None for demo)
     seed: int = 0
 
+    def release_pages(self) -> None:
+        """Once loaded, the file's pages need not count in our RSS; reads fault them back."""
+        _release(self.array)
+
     def rows(self, start: int, stop: int) -> np.ndarray:
         if self.layout == "demo":
             return _demo_rows(self.seed, self.dim, start, stop)
@@ -47,9 +53,28 @@ class VectorSource:
             block = self.array[start:stop]
         return np.ascontiguousarray(block, dtype=np.float32)
 
-    def chunks(self, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+    def chunks(self, chunk_rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        chunk_rows = chunk_rows or chunk_rows_for(self.dim)
         for start in range(0, self.n, chunk_rows):
             yield start, self.rows(start, min(start + chunk_rows, self.n))
+            # Each chunk is read once: drop its pages so a pass over a large file does not
+            # grow our RSS by the file's size.
+            self.release_pages()
+
+
+def _release(array: np.ndarray | None) -> None:
+    """Drop a memory map's resident pages from this process (they stay in the page cache)."""
+    while array is not None and not isinstance(array, np.memmap):
+        base = getattr(array, "base", None)
+        array = base if isinstance(base, np.ndarray) else None
+    raw = getattr(array, "_mmap", None)
+    if raw is not None and hasattr(mmap, "MADV_DONTNEED"):
+        with contextlib.suppress(ValueError, OSError):
+            raw.madvise(mmap.MADV_DONTNEED)
+
+
+def chunk_rows_for(dim: int) -> int:
+    return max(CHUNK_BYTES // (4 * dim), 1)
 
 
 def _demo_rows(seed: int, dim: int, start: int, stop: int) -> np.ndarray:
@@ -175,7 +200,7 @@ class Targets:
     def dim(self) -> int:
         return self.source.dim
 
-    def chunks(self, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+    def chunks(self, chunk_rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """(first destination row, normalized rows) for the kept rows, in order."""
         if self.keep is None:
             for start, block in self.source.chunks(chunk_rows):

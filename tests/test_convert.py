@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 import flasma_ws.cli.convert as convert_cli
-from flasma_ws import formats
+from flasma_ws import formats, vectors
 from flasma_ws.cli import app
 from flasma_ws.errors import VectorFileError
 from flasma_ws.vectors import load_matrix, open_npy, open_targets, prepare
@@ -77,8 +77,9 @@ def test_standard_legacy_standard_round_trip_is_exact(
     assert np.array_equal(np.load(back), c)
 
 
-def test_round_trip_across_chunks_with_dropped_rows(tmp_path: Path) -> None:
+def test_round_trip_across_chunks_with_dropped_rows(tmp_path: Path, monkeypatch) -> None:
     # More rows than one 65,536-row chunk, zero rows on both sides of the boundary.
+    monkeypatch.setattr(vectors, "CHUNK_BYTES", 65_536 * 4 * 3)
     rng = np.random.default_rng(12)
     raw = rng.standard_normal((70_000, 3)).astype(np.float32)
     zeros = [0, 65_535, 65_536, 69_999]

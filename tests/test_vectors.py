@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from flasma_ws import vectors
 from flasma_ws.errors import VectorFileError
 from flasma_ws.vectors import (
     load_matrix,
@@ -142,7 +143,8 @@ def test_nan_and_inf_are_refused_with_first_row(tmp_path: Path, bad: float) -> N
         open_targets(tmp_path / "in.npy", None)
 
 
-def test_prepare_reports_progress_for_every_row(tmp_path: Path) -> None:
+def test_prepare_reports_progress_for_every_row(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(vectors, "CHUNK_BYTES", 65_536 * 4 * 2)  # 65,536 rows of dim 2
     np.save(tmp_path / "in.npy", np.ones((70_000, 2), dtype=np.float32))
     seen: list[int] = []
     prepare(open_npy(tmp_path / "in.npy"), progress=seen.append)
