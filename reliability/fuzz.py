@@ -656,7 +656,8 @@ def frame_stream(
 
 async def fuzz(url: str, http_url: str, config: Config) -> Report:
     report = Report()
-    info = httpx.get(f"{http_url}/info", timeout=10).json()
+    auth = {"Authorization": f"Bearer {config.token}"} if config.token else {}
+    info = httpx.get(f"{http_url}/info", headers=auth, timeout=10).raise_for_status().json()
     target = Target(info["dim"], info["max_k"], info["max_queries_per_frame"])
     before = open_connections(http_url)
     started = time.monotonic()
