@@ -148,6 +148,14 @@ class Service:
             what = "still loading" if self.state is State.LOADING else "shutting down"
             answer(Failure(protocol.UNAVAILABLE, f"The server is {what}; retry shortly."))
             return
+        shape = query.vectors.shape
+        if len(shape) != 2 or shape[0] < 1 or shape[1] != self.engine.dim:
+            # The codec guarantees this; checked again because one malformed array would
+            # fail the whole batch, other clients' queries included.
+            answer(
+                Failure(protocol.BAD_DIMENSION, f"Expected vectors of dimension {self.engine.dim}.")
+            )
+            return
         timeout_ms = query.timeout_ms or self.settings.timeout_ms
         try:
             self.batcher.submit(
