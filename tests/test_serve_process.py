@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import shutil
 import signal
@@ -163,3 +164,38 @@ def test_serve_help_states_units():
     assert result.returncode == 0
     for words in ("milliseconds", "bytes", "Seconds", "FLASMA_PORT"):
         assert words in result.stdout
+
+
+def test_serve_flags_reach_the_server(tmp_path):
+    process, base = start(
+        tmp_path / "serve.log",
+        "--dim",
+        "8",
+        "--demo-size",
+        "100",
+        "--token",
+        "abc",
+        "--allowed-origins",
+        "https://app.example",
+        "--max-connections",
+        "1",
+    )
+    try:
+        body = {"embedding": [1.0] * 8}
+        assert httpx.post(f"{base}/cos", json=body).status_code == 401
+        auth = {"Authorization": "Bearer abc"}
+        assert httpx.post(f"{base}/cos", json=body, headers=auth).status_code == 200
+        evil = {**auth, "Origin": "https://evil.example"}
+        assert httpx.post(f"{base}/cos", json=body, headers=evil).status_code == 403
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def test_every_serve_option_is_a_setting():
+    from flasma_ws.cli.serve import build_settings, serve
+
+    names = inspect.signature(serve).parameters
+    options = {name: p.default for name, p in names.items()}
+    settings = build_settings({**options, "dim": 4, "token": "t", "max_connections": 3})
+    assert (settings.token, settings.max_connections) == ("t", 3)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -18,6 +18,14 @@ STARTED = time.perf_counter()  # cold-start time is measured from CLI import
 
 def _opt(help_text: str, name: str) -> typer.models.OptionInfo:
     return typer.Option(help=help_text, envvar=f"FLASMA_{name}", show_default=True)
+
+
+def build_settings(options: dict[str, Any]) -> Settings:
+    """Settings from the command's options: names match Settings fields, but for two."""
+    options = dict(options)
+    options["drain_timeout_s"] = options.pop("drain_timeout")
+    options["allowed_origins"] = _origins(options["allowed_origins"])
+    return Settings(**options)
 
 
 def _origins(value: str | None) -> tuple[str, ...] | None:
@@ -127,6 +135,7 @@ def serve(
     log_level: Annotated[str, _opt("debug, info, warning or error.", "LOG_LEVEL")] = "info",
 ) -> None:
     """Serve exact cosine top-k over WebSocket (/ws) and HTTP (POST /cos) on one port."""
+    options = dict(locals())  # every flag, so none can be forgotten on the way to Settings
     from ..server import serve as run_server  # TensorFlow and uvicorn load only when serving
 
     logging.basicConfig(
@@ -135,31 +144,7 @@ def serve(
     if log_level.lower() != "debug":  # one line per connection is too chatty for long-lived clients
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
     try:
-        settings = Settings(
-            npy=npy,
-            dim=dim,
-            demo_size=demo_size,
-            demo_seed=demo_seed,
-            drop_zero=drop_zero,
-            device=device,
-            dtype=dtype,  # type: ignore[arg-type]
-            max_batch=max_batch,
-            top_k=top_k,
-            max_k=max_k,
-            block_size=block_size,
-            max_wait_ms=max_wait_ms,
-            queue_size=queue_size,
-            timeout_ms=timeout_ms,
-            host=host,
-            port=port,
-            max_inflight=max_inflight,
-            max_frame_bytes=max_frame_bytes,
-            max_queries_per_frame=max_queries_per_frame,
-            max_body_bytes=max_body_bytes,
-            ws_compression=ws_compression,
-            drain_timeout_s=drain_timeout,
-            log_level=log_level,
-        )
+        settings = build_settings(options)
         if npy is not None:
             from ..vectors import open_npy
 
