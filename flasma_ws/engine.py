@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,14 +85,15 @@ def resolve_device(device: str) -> str:
     return wanted
 
 
-TF_ALIGNMENT = 64  # bytes; TensorFlow's kernels check it on tensors they did not allocate
-
-
-def _aligned_empty(shape: tuple[int, int]) -> np.ndarray:
-    size = shape[0] * shape[1]
-    buffer = np.empty(size * 4 + TF_ALIGNMENT, np.uint8)
-    offset = (-buffer.ctypes.data) % TF_ALIGNMENT
-    return buffer[offset : offset + size * 4].view(np.float32).reshape(shape)
+def _host_buffer(shape: tuple[int, int]) -> np.ndarray:
+    """A page-aligned float32 array from an anonymous mapping, its pages populated up front:
+    on this VM that is ~3x faster than faulting in np.empty's pages one by one, and page
+    alignment satisfies TensorFlow's alignment check on memory it did not allocate."""
+    size = max(shape[0] * shape[1] * 4, 1)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    return np.frombuffer(mmap.mmap(-1, size, flags=flags), np.float32, shape[0] * shape[1]).reshape(
+        shape
+    )
 
 
 def _shared_tensor(array: np.ndarray) -> tf.Tensor:
@@ -161,15 +163,10 @@ class Engine:
     def _load_shared_host(self, progress: Callable[[int], None] | None) -> None:
         """CPU: fill one aligned host array and hand it to TensorFlow through DLPack, which
         shares the memory instead of copying it: the matrix exists exactly once."""
-        main = _aligned_empty((self.dim, self.n_main))
-        tail = _aligned_empty((self.dim, self.n - self.n_main))
-        for start, block in self.targets.chunks():
-            stop = start + block.shape[0]
-            cut = max(min(stop, self.n_main) - start, 0)
-            main[:, start : start + cut] = block[:cut].T
-            tail[:, max(start, self.n_main) - self.n_main : stop - self.n_main] = block[cut:].T
-            if progress is not None:
-                progress(block.shape[0])
+        main = _host_buffer((self.dim, self.n_main))
+        tail = _host_buffer((self.dim, self.n - self.n_main))
+        self.targets.fill_columns(main, 0, progress)
+        self.targets.fill_columns(tail, self.n_main, progress)
         self._main, self._tail = _shared_tensor(main), _shared_tensor(tail)
 
     def _load_variables(self, progress: Callable[[int], None] | None) -> None:

@@ -53,6 +53,29 @@ class VectorSource:
             block = self.array[start:stop]
         return np.ascontiguousarray(block, dtype=np.float32)
 
+    def columns(self, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop as the columns of a (dim, rows) float32 block: the engine's layout.
+        A legacy file is stored this way already, so it is read without any transpose."""
+        if self.layout == "legacy":
+            assert self.array is not None
+            return np.array(self.array.reshape(self.dim, self.n)[:, start:stop], dtype=np.float32)
+        return self.rows(start, stop).T
+
+    def column_chunks(self, chunk_rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        chunk_rows = chunk_rows or chunk_rows_for(self.dim)
+        for start in range(0, self.n, chunk_rows):
+            yield start, self.columns(start, min(start + chunk_rows, self.n))
+            self.release_pages()
+
+    def copy_columns(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Write rows start..stop into the (dim, stop - start) array `out`, unnormalized:
+        a legacy file goes straight from the page cache into `out`, with no chunk between."""
+        if self.layout == "legacy":
+            assert self.array is not None
+            np.copyto(out, self.array.reshape(self.dim, self.n)[:, start:stop], casting="unsafe")
+        else:
+            out[...] = self.rows(start, stop).T
+
     def chunks(self, chunk_rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         chunk_rows = chunk_rows or chunk_rows_for(self.dim)
         for start in range(0, self.n, chunk_rows):
@@ -172,12 +195,17 @@ def row_norms(block: np.ndarray) -> np.ndarray:
 
 def normalize_rows(block: np.ndarray) -> np.ndarray:
     """L2-normalize float32 rows (no zero rows); rows already of unit norm stay bit-exact."""
-    norms = row_norms(block)
+    return normalize_columns(block.T).T
+
+
+def normalize_columns(block: np.ndarray, in_place: bool = False) -> np.ndarray:
+    """normalize_rows for a (dim, rows) block, the engine's layout."""
+    norms = np.sqrt(np.einsum("ij,ij->j", block, block, dtype=np.float64))
     off = np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE
     if not off.any():
         return block
-    out = block.copy()
-    out[off] = (block[off].astype(np.float64) / norms[off, None]).astype(np.float32)
+    out = block if in_place else block.copy()
+    out[:, off] = (block[:, off].astype(np.float64) / norms[off]).astype(np.float32)
     return out
 
 
@@ -213,6 +241,36 @@ class Targets:
                 yield written, normalize_rows(block[kept - start])
                 written += kept.size
 
+    def fill_columns(self, out: np.ndarray, first: int, progress: Progress | None = None) -> None:
+        """Write normalized kept rows first..first+width as the columns of `out` (dim, width),
+        chunk by chunk, without an intermediate chunk when no row was dropped."""
+        width = out.shape[1]
+        if self.keep is not None:
+            for start, block in self.column_chunks():
+                lo, hi = max(start, first), min(start + block.shape[1], first + width)
+                if lo < hi:
+                    out[:, lo - first : hi - first] = block[:, lo - start : hi - start]
+                    if progress is not None:
+                        progress(hi - lo)
+            return
+        step = chunk_rows_for(self.dim)
+        for lo in range(0, width, step):
+            hi = min(lo + step, width)
+            self.source.copy_columns(first + lo, first + hi, out[:, lo:hi])
+            normalize_columns(out[:, lo:hi], in_place=True)
+            self.source.release_pages()
+            if progress is not None:
+                progress(hi - lo)
+
+    def column_chunks(self, chunk_rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Like chunks(), but each block is (dim, rows): what the engine stores."""
+        if self.keep is None:
+            for start, block in self.source.column_chunks(chunk_rows):
+                yield start, normalize_columns(block)
+            return
+        for start, block in self.chunks(chunk_rows):
+            yield start, block.T
+
     def original_index(self, rows: np.ndarray) -> np.ndarray:
         """Map engine row numbers back to row numbers of the file."""
         return rows if self.keep is None else self.keep[rows]
@@ -223,7 +281,8 @@ def prepare(
 ) -> Targets:
     """Scan every row once: refuse NaN/Inf, find zero-norm rows, refuse or drop them."""
     zero_parts = []
-    for start, block in source.chunks():
+    for start, columns in source.column_chunks():
+        block = columns.T  # a view: rows again, without a copy
         finite = np.isfinite(block)
         if not finite.all():
             bad_row = start + int(np.argwhere(~finite)[0][0])
