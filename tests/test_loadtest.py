@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -195,12 +196,12 @@ def test_bad_flags_exit_1_with_one_line(args: list[str], message: str) -> None:
     assert code == 1 and message in output and output.strip().count("\n") == 0
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("matplotlib") is not None, reason="matplotlib is installed"
-)
 def test_plot_without_matplotlib_says_how_to_install(
-    server: BackgroundServer, tmp_path: Path
+    server: BackgroundServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
     code, output = loadtest("--url", server.url, "--count", "5", "--plot", str(tmp_path / "p.png"))
     assert code == 1 and "flasma-ws[plot]" in output
 
