@@ -31,12 +31,17 @@ from __future__ import annotations
 import logging
 import math
 import mmap
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import tensorflow as tf
+
+# TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) is not for our users; an explicit
+# TF_CPP_MIN_LOG_LEVEL still wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import tensorflow as tf  # noqa: E402
 
 from .errors import ConfigError, EngineError, EngineOutOfMemory
 from .vectors import Targets
