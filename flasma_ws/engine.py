@@ -44,7 +44,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 
 from .errors import ConfigError, EngineError, EngineOutOfMemory
-from .vectors import Targets
+from .vectors import Targets, chunk_rows_for
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,22 @@ def choose_block_size(n: int, k: int) -> int:
     """About sqrt(N/k) columns per block balances stage 1 (N/C maxima) against stage 2 (k*C)."""
     c = 2 ** round(math.log2(max(math.sqrt(n / max(k, 1)), 1)))
     return int(min(max(c, 16), 4096))
+
+
+SLAB_SCORE_BYTES = 512 * 1024 * 1024  # scores of one slab for a full batch (see below)
+
+
+def column_slabs(n_main: int, block: int, max_batch: int) -> list[tuple[int, int]]:
+    """Cut the blocked columns into slabs whose (max_batch, width) float32 score matrix fits
+    SLAB_SCORE_BYTES: the working memory of a search stays bounded whatever N is. Each slab
+    is its own tensor (a column slice of one tensor would be copied on every call).
+    Slabs cost time: at N = 1M, d = 100, batch 128, four 128 MiB slabs ran ~20 % slower than
+    one 512 MiB score matrix, so the budget is 512 MiB: one slab up to 1M rows at batch 128,
+    and bounded working memory beyond."""
+    if n_main == 0:
+        return []
+    width = max(SLAB_SCORE_BYTES // (4 * max_batch) // block, 1) * block
+    return [(lo, min(lo + width, n_main)) for lo in range(0, n_main, width)]
 
 
 def resolve_device(device: str) -> str:
@@ -131,6 +147,7 @@ class Engine:
         self.block = config.block_size or choose_block_size(self.n, config.top_k)
         self.n_blocks = self.n // self.block
         self.n_main = self.n_blocks * self.block
+        self.slabs = column_slabs(self.n_main, self.block, config.max_batch)
         self.buckets = batch_buckets(config.max_batch)
         if config.dtype == "float16" and "CPU" in self.device:
             log.warning(
@@ -166,39 +183,33 @@ class Engine:
             self.targets.source.release_pages()
 
     def _load_shared_host(self, progress: Callable[[int], None] | None) -> None:
-        """CPU: fill one aligned host array and hand it to TensorFlow through DLPack, which
+        """CPU: fill aligned host arrays and hand them to TensorFlow through DLPack, which
         shares the memory instead of copying it: the matrix exists exactly once."""
-        main = _host_buffer((self.dim, self.n_main))
+        self._slab_tensors = []
+        for lo, hi in self.slabs:
+            buffer = _host_buffer((self.dim, hi - lo))
+            self.targets.fill_columns(buffer, lo, progress)
+            self._slab_tensors.append(_shared_tensor(buffer))
         tail = _host_buffer((self.dim, self.n - self.n_main))
-        self.targets.fill_columns(main, 0, progress)
         self.targets.fill_columns(tail, self.n_main, progress)
-        self._main, self._tail = _shared_tensor(main), _shared_tensor(tail)
+        self._tail = _shared_tensor(tail)
 
     def _load_variables(self, progress: Callable[[int], None] | None) -> None:
         """GPU or a narrower dtype: copy chunk by chunk into device variables."""
-        self._main = self._zeros(self.n_main)
-        self._tail = self._zeros(self.n - self.n_main)
-        for start, block in self.targets.chunks():
-            self._assign_rows(start, block)
-            if progress is not None:
-                progress(block.shape[0])
-        # Slice assignment put the variables in copy-on-read mode, where every read
-        # in the graph copies the whole matrix; loading is over, so turn it off.
-        for variable in (self._main, self._tail):
-            tf.raw_ops.DisableCopyOnRead(resource=variable.handle)
+        self._slab_tensors = [self._variable(lo, hi, progress) for lo, hi in self.slabs]
+        self._tail = self._variable(self.n_main, self.n, progress)
 
-    def _zeros(self, columns: int) -> tf.Variable:
-        return tf.Variable(tf.zeros((self.dim, columns), self.dtype), trainable=False)
-
-    def _assign_rows(self, start: int, block: np.ndarray) -> None:
-        stop = start + block.shape[0]
-        values = tf.transpose(tf.cast(block, self.dtype))
-        if start < self.n_main:
-            cut = min(stop, self.n_main) - start
-            self._main[:, start : start + cut].assign(values[:, :cut])
-            values, start = values[:, cut:], start + cut
-        if start < stop:
-            self._tail[:, start - self.n_main : stop - self.n_main].assign(values)
+    def _variable(self, lo: int, hi: int, progress: Callable[[int], None] | None) -> tf.Variable:
+        variable = tf.Variable(tf.zeros((self.dim, hi - lo), self.dtype), trainable=False)
+        step = chunk_rows_for(self.dim)
+        for start in range(lo, hi, step):
+            chunk = np.empty((self.dim, min(step, hi - start)), np.float32)
+            self.targets.fill_columns(chunk, start, progress)
+            variable[:, start - lo : start - lo + chunk.shape[1]].assign(tf.cast(chunk, self.dtype))
+        # Slice assignment put the variable in copy-on-read mode, where every read in the
+        # graph copies it whole; loading is over, so turn that off.
+        tf.raw_ops.DisableCopyOnRead(resource=variable.handle)
+        return variable
 
     # -- the graph ---------------------------------------------------------------------
     def _normalized(self, queries: tf.Tensor) -> tf.Tensor:
@@ -210,9 +221,7 @@ class Engine:
     def _matmul_graph(self, queries: tf.Tensor) -> tf.Tensor:
         """Normalize and score against every row like `_search_graph`, then only a row max."""
         q = self._normalized(queries)
-        best = []
-        if self.n_blocks:
-            best.append(tf.reduce_max(tf.matmul(q, self._main), axis=1))
+        best = [tf.reduce_max(tf.matmul(q, slab), axis=1) for slab in self._slab_tensors]
         if self.n > self.n_main:
             best.append(tf.reduce_max(tf.matmul(q, self._tail), axis=1))
         return tf.cast(tf.reduce_max(tf.stack(best), axis=0), tf.float32)
@@ -220,15 +229,14 @@ class Engine:
     def _search_graph(self, queries: tf.Tensor, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         batch = tf.shape(queries)[0]
         q = self._normalized(queries)
+        # Candidates from every slab, then the tail, in ascending column order (see the
+        # module docstring: that order is what makes ties come out as a full top_k would).
         scores, columns = [], []
-        if self.n_blocks:
-            s = tf.cast(tf.matmul(q, self._main), tf.float32)
-            blocks = tf.reshape(s, (batch, self.n_blocks, self.block))
-            _, picked = tf.math.top_k(tf.reduce_max(blocks, axis=2), tf.minimum(k, self.n_blocks))
-            picked = tf.sort(picked, axis=1)  # candidate order must follow column order
-            scores.append(tf.reshape(tf.gather(blocks, picked, batch_dims=1), (batch, -1)))
-            offsets = tf.range(self.block, dtype=tf.int32)
-            columns.append(tf.reshape(picked[:, :, None] * self.block + offsets, (batch, -1)))
+        alone = len(self.slabs) == 1
+        for (lo, _), slab in zip(self.slabs, self._slab_tensors):
+            values, cols = self._slab_candidates(q, slab, lo, k, batch, reduce=not alone)
+            scores.append(values)
+            columns.append(cols)
         if self.n > self.n_main:
             scores.append(tf.cast(tf.matmul(q, self._tail), tf.float32))
             tail = tf.range(self.n_main, self.n, dtype=tf.int32)
@@ -237,6 +245,32 @@ class Engine:
         candidate_columns = columns[0] if len(columns) == 1 else tf.concat(columns, axis=1)
         values, positions = tf.math.top_k(candidates, k)
         return tf.gather(candidate_columns, positions, batch_dims=1), values
+
+    def _slab_candidates(
+        self,
+        q: tf.Tensor,
+        slab: tf.Tensor,
+        first: int,
+        k: tf.Tensor,
+        batch: tf.Tensor,
+        reduce: bool,
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """Stage 1 and the gather of stage 2 for one slab of columns: the columns of its k
+        best blocks (sorted), or with `reduce` already cut to the slab's own exact top k, so
+        that only (B, k) per slab outlives the slab's score matrix."""
+        n_blocks = slab.shape[1] // self.block
+        s = tf.cast(tf.matmul(q, slab), tf.float32)
+        blocks = tf.reshape(s, (batch, n_blocks, self.block))
+        _, picked = tf.math.top_k(tf.reduce_max(blocks, axis=2), tf.minimum(k, n_blocks))
+        picked = tf.sort(picked, axis=1)  # candidate order must follow column order
+        values = tf.reshape(tf.gather(blocks, picked, batch_dims=1), (batch, -1))
+        offsets = tf.range(self.block, dtype=tf.int32)
+        cols = tf.reshape(picked[:, :, None] * self.block + offsets + first, (batch, -1))
+        if not reduce:
+            return values, cols
+        # top_k keeps equal values in position order, i.e. column order: still exact.
+        values, positions = tf.math.top_k(values, tf.minimum(k, tf.shape(values)[1]))
+        return values, tf.gather(cols, positions, batch_dims=1)
 
     def _function(self, bucket: int) -> Callable[..., tuple[tf.Tensor, tf.Tensor]]:
         fn = self._functions.get(bucket)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import flasma_ws.engine as engine_module
 from flasma_ws.engine import Engine, EngineConfig, batch_buckets, choose_block_size
 from flasma_ws.errors import ConfigError, EngineError
 from flasma_ws.vectors import Targets, load_matrix, open_targets
@@ -268,3 +269,43 @@ def test_describe_and_warmup(small_engine: Engine) -> None:
     info = small_engine.describe()
     assert info["n"] == 30 and info["dim"] == 8 and info["device"] == "/device:CPU:0"
     assert 16 <= choose_block_size(100_000, 10) <= 4096
+
+
+# -- slabs: the columns cut into several score matrices ---------------------------------------
+@pytest.fixture
+def tiny_slabs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slabs of 3 blocks of 8 (max_batch 8), so small matrices span several slabs."""
+    monkeypatch.setattr(engine_module, "SLAB_SCORE_BYTES", 4 * 8 * 8 * 3)
+
+
+@pytest.mark.parametrize(("n", "k"), [(203, 50), (203, 203), (203, 1), (50, 7)])
+def test_ties_follow_stable_order_across_slabs(tmp_path: Path, tiny_slabs: None, n: int, k: int):
+    dim = 6
+    targets = npy_targets(tmp_path, one_hot_rows(n, dim, seed=n + k))
+    engine = cpu_engine(targets, max_batch=8, max_k=n, block_size=8)
+    assert len(engine.slabs) > 1
+    queries = tie_queries(dim, 5, seed=k)
+    rows, scores = engine.search(queries, k)
+    ref = reference_scores(load_matrix(targets), queries)
+    np.testing.assert_array_equal(rows, stable_top_k(ref, k))
+    np.testing.assert_allclose(scores, np.take_along_axis(ref, rows, 1), rtol=0, atol=SCORE_TOL)
+
+
+@pytest.mark.parametrize(("n", "dim", "batch", "k"), [(1000, 16, 3, 10), (777, 33, 8, 40)])
+def test_matches_reference_across_slabs(tiny_slabs: None, n: int, dim: int, batch: int, k: int):
+    queries = np.random.default_rng(n).standard_normal((batch, dim), dtype=np.float32)
+    targets = open_targets(None, dim, demo_size=n, demo_seed=n)
+    engine = cpu_engine(targets, max_batch=8, max_k=k, block_size=8)
+    assert len(engine.slabs) > 1
+    rows, scores = engine.search(queries, k)
+    assert_exact(reference_scores(load_matrix(targets), queries), rows, scores, k)
+    best = engine.matmul_only(queries)
+    np.testing.assert_allclose(best, scores[:, 0], rtol=0, atol=SCORE_TOL)
+
+
+def test_slabs_cover_the_blocked_columns_once():
+    slabs = engine_module.column_slabs(10_000, 128, 128)
+    assert slabs[0][0] == 0 and slabs[-1][1] == 10_000
+    assert all(a[1] == b[0] for a, b in zip(slabs, slabs[1:]))
+    assert all((hi - lo) % 128 == 0 for lo, hi in slabs[:-1])
+    assert engine_module.column_slabs(0, 128, 128) == []
