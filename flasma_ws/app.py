@@ -131,6 +131,8 @@ class Connection:
 
     async def _send_loop(self) -> None:
         metrics = self.service.metrics
+        outcomes: dict[str, Any] = {}
+        latency = metrics.latency_seconds.labels("ws")
         try:
             while True:
                 await self.wake.wait()
@@ -140,8 +142,11 @@ class Connection:
                     await self.send(message)  # waits while the client's socket buffer is full
                     self.inflight -= 1
                     self.room.set()
-                    metrics.requests.labels("ws", outcome).inc()
-                    metrics.latency_seconds.labels("ws").observe(time.perf_counter() - received)
+                    counter = outcomes.get(outcome)
+                    if counter is None:  # .labels() costs a lock and a lookup: once per outcome
+                        counter = outcomes[outcome] = metrics.requests.labels("ws", outcome)
+                    counter.inc()
+                    latency.observe(time.perf_counter() - received)
                 if self.closing is not None and self.inflight == 0:
                     await self.send({"type": "websocket.close", "code": self.closing})
                     return

@@ -56,15 +56,15 @@ class Pending:
     deadline: float
     answer: Answer
     owner: Owner | None
+    count: int = 0  # query rows; set from vectors
     started: int = 0  # rows already handed to the engine
     finished: int = 0
     rows: np.ndarray | None = None
     scores: np.ndarray | None = None
     failed: Failure | None = None
 
-    @property
-    def count(self) -> int:
-        return int(self.vectors.shape[0])
+    def __post_init__(self) -> None:
+        self.count = int(self.vectors.shape[0])
 
     def store(self, start: int, rows: np.ndarray, scores: np.ndarray) -> None:
         if self.rows is None:

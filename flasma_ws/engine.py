@@ -89,6 +89,22 @@ def column_slabs(n_main: int, block: int, max_batch: int) -> list[tuple[int, int
     return [(lo, min(lo + width, n_main)) for lo in range(0, n_main, width)]
 
 
+def configure_threads(inter_op: int) -> bool:
+    """Set TensorFlow's inter-op pool size (0 = TensorFlow's default). It must happen before
+    TensorFlow's first op; returns False when it is too late (another engine in this process).
+
+    The server runs one graph at a time, whose ops form a chain: a second inter-op thread
+    mostly competes for the cores with the event loop. Measured end to end (64 connections,
+    2 cores): ~5,100 q/s with one thread against ~4,870 with TensorFlow's default."""
+    if inter_op <= 0:
+        return True
+    try:
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+        return True
+    except RuntimeError:
+        return False
+
+
 def resolve_device(device: str) -> str:
     """'auto' -> first GPU if TensorFlow sees one, else CPU; 'cpu', 'gpu', 'gpu:1' accepted."""
     if device == "auto":

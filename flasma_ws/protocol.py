@@ -46,6 +46,7 @@ MAX_TIMEOUT_MS = 3_600_000
 MAX_ID_CHARS = 1024
 _MIN_ID, _MAX_ID = -(2**63), 2**64 - 1  # what orjson can write back
 _NUMBER_TYPES = frozenset({int, float})
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _WS_KEYS = frozenset({"id", "embedding", "embeddings", "k", "timeout_ms"})
 _COS_KEYS = frozenset({"embedding", "k", "timeout_ms"})
 
@@ -175,10 +176,13 @@ class Codec:
             wide = np.array(rows, dtype=np.float64)
         except (ValueError, TypeError, OverflowError) as exc:
             raise ProtocolError(BAD_REQUEST, "Embeddings must hold only numbers.") from exc
-        with np.errstate(over="ignore"):  # overflow to inf is reported just below
-            vectors = wide.astype(np.float32)
-        self._check_values(vectors)
-        return vectors
+        # One reduction checks all three: a NaN, an Inf or a value beyond float32 fails the
+        # upper bound, a zero vector the lower one (this runs for every request).
+        largest = np.abs(wide).max(axis=1)
+        if not ((largest > 0) & (largest <= _FLOAT32_MAX)).all():
+            with np.errstate(over="ignore"):
+                self._check_values(wide.astype(np.float32))
+        return wide.astype(np.float32)
 
     @staticmethod
     def _check_values(vectors: np.ndarray) -> None:

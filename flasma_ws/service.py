@@ -92,9 +92,11 @@ class Service:
         targets = open_targets(s.npy, s.dim, s.demo_size, s.demo_seed, s.drop_zero)
         scanned = time.perf_counter()
         importing.join()
-        from .engine import Engine, EngineConfig
+        from .engine import Engine, EngineConfig, configure_threads
 
         imported = time.perf_counter()
+        if not configure_threads(s.tf_interop_threads):
+            log.info("TensorFlow already runs in this process; its thread settings stay.")
         if s.npy is None:
             log.info(
                 "No --npy given: serving a generated demo set of %d x %d (seed %d).",

@@ -28,6 +28,7 @@ class Settings:
     top_k: int = 10
     max_k: int = 100
     block_size: int | None = None  # columns per top-k block; None = chosen from N and top_k
+    tf_interop_threads: int = 1  # TensorFlow inter-op threads; 0 = TensorFlow's default
     # Batcher
     max_wait_ms: float = 0.0
     queue_size: int = 8192  # queries waiting for the engine, all connections together

@@ -72,6 +72,14 @@ def serve(
             "BLOCK_SIZE",
         ),
     ] = None,
+    tf_interop_threads: Annotated[
+        int,
+        _opt(
+            "TensorFlow inter-op threads (0 = TensorFlow's default); 1 leaves the other cores "
+            "to the event loop.",
+            "TF_INTEROP_THREADS",
+        ),
+    ] = 1,
     max_wait_ms: Annotated[
         float,
         _opt("Milliseconds an idle engine waits to fill a batch (0 = run at once).", "MAX_WAIT_MS"),
