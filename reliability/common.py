@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,3 +167,18 @@ def warn_if_busy() -> None:
     busy = other_benchmarks()
     if busy:
         print(f"warning: other benchmarks are running; figures will be noisy: {busy[:3]}")
+
+
+def run_against_server(
+    name: str, server_args: Sequence[str], scenario: Callable[[ServerProcess], Awaitable[bool]]
+) -> int:
+    """Start a server subprocess, run the scenario against it, stop it with SIGTERM: exit code
+    0 only when the scenario passed and the server exited 0."""
+    log = Path(tempfile.mkdtemp(prefix=f"flasma-{name}-")) / "server.log"
+    server = spawn_server(list(server_args), log)
+    try:
+        ok = asyncio.run(scenario(server))
+    finally:
+        code, seconds = server.stop()
+    print(f"server exit status after SIGTERM: {code} ({seconds:.1f} s; log: {log})")
+    return 0 if ok and code == 0 else 1

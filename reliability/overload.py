@@ -23,18 +23,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
 
-from .common import ServerProcess, metrics, percentiles_ms, spawn_server, warn_if_busy
+from .common import (
+    ServerProcess,
+    metrics,
+    percentiles_ms,
+    run_against_server,
+    warn_if_busy,
+)
 
 WINDOW_S = 0.1
 
@@ -337,18 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.window * args.connections >= args.queue_size:
         parser.error("--window x --connections must stay below --queue-size (no overload yet)")
     warn_if_busy()
-    log = Path(tempfile.mkdtemp(prefix="flasma-overload-")) / "server.log"
-    server = spawn_server(
+    return run_against_server(
+        "overload",
         ["--dim", str(args.dim), "--demo-size", str(args.demo_size)]
         + ["--queue-size", str(args.queue_size), "--timeout-ms", str(args.timeout_ms)],
-        log,
+        lambda server: scenario(server, args),
     )
-    try:
-        ok = asyncio.run(scenario(server, args))
-    finally:
-        code, seconds = server.stop()
-    print(f"server exit status after SIGTERM: {code} ({seconds:.1f} s; log: {log})")
-    return 0 if ok and code == 0 else 1
 
 
 if __name__ == "__main__":

@@ -19,12 +19,10 @@ import argparse
 import asyncio
 import random
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import orjson
@@ -37,7 +35,7 @@ from .common import (
     ServerProcess,
     percentiles_ms,
     raise_nofile,
-    spawn_server,
+    run_against_server,
     wait_open_connections,
     warn_if_busy,
 )
@@ -241,14 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     if limit < args.connections + 64:
         parser.error(f"RLIMIT_NOFILE is {limit}: too low for {args.connections} connections")
     warn_if_busy()
-    log = Path(tempfile.mkdtemp(prefix="flasma-soak-")) / "server.log"
-    server = spawn_server(["--dim", str(args.dim), "--demo-size", str(args.demo_size)], log)
-    try:
-        ok = asyncio.run(scenario(server, args))
-    finally:
-        code, seconds = server.stop()
-    print(f"server exit status after SIGTERM: {code} ({seconds:.1f} s; log: {log})")
-    return 0 if ok and code == 0 else 1
+    return run_against_server(
+        "soak",
+        ["--dim", str(args.dim), "--demo-size", str(args.demo_size)],
+        lambda server: scenario(server, args),
+    )
 
 
 if __name__ == "__main__":
