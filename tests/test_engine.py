@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import flasma_ws.engine as engine_module
 from flasma_ws.engine import Engine, EngineConfig, batch_buckets, choose_block_size
@@ -309,3 +310,20 @@ def test_slabs_cover_the_blocked_columns_once():
     assert all(a[1] == b[0] for a, b in zip(slabs, slabs[1:]))
     assert all((hi - lo) % 128 == 0 for lo, hi in slabs[:-1])
     assert engine_module.column_slabs(0, 128, 128) == []
+
+
+# -- GPU: runs where TensorFlow sees one (not in CI, which has none) ---------------------------
+@pytest.mark.skipif(not tf.config.list_logical_devices("GPU"), reason="TensorFlow sees no GPU here")
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_gpu_engine_matches_reference(dtype: str) -> None:
+    queries = np.random.default_rng(5).standard_normal((17, 64), dtype=np.float32)
+    targets = open_targets(None, 64, demo_size=5000, demo_seed=5)
+    engine = Engine(targets, EngineConfig(device="gpu", dtype=dtype, max_batch=16))
+    assert "GPU" in engine.device
+    rows, scores = engine.search(queries, 10)
+    ref = reference_scores(load_matrix(targets), queries)
+    if dtype == "float32":
+        assert_exact(ref, rows, scores, 10)
+    else:
+        true = np.take_along_axis(ref, rows, 1)
+        np.testing.assert_allclose(scores, true, atol=LOW_PRECISION_TOL[dtype])
