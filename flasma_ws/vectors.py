@@ -21,7 +21,7 @@ Layout = Literal["standard", "legacy", "demo"]
 Progress = Callable[[int], None]  # called with the number of rows just processed
 
 CHUNK_BYTES = 32 * 1024 * 1024  # per chunk read: bounded temporaries whatever the dim
-DEMO_CHUNK_ROWS = 4_096  # demo rows come from one RNG stream per chunk, so any slice is cheap
+DEMO_CHUNK_VALUES = 1 << 20  # demo rows come from one RNG stream per ~4 MiB, so slices are cheap
 # A row whose float64 norm is within this of 1 is already unit length in float32 and is
 # kept bit for bit, so legacy files (stored normalized) load exactly as written.
 UNIT_NORM_TOLERANCE = 4 * float(np.finfo(np.float32).eps)
@@ -101,13 +101,14 @@ def chunk_rows_for(dim: int) -> int:
 
 
 def _demo_rows(seed: int, dim: int, start: int, stop: int) -> np.ndarray:
-    first, last = start // DEMO_CHUNK_ROWS, (stop - 1) // DEMO_CHUNK_ROWS
+    rows = max(DEMO_CHUNK_VALUES // dim, 1)
+    first, last = start // rows, (stop - 1) // rows
     parts = []
     for chunk in range(first, last + 1):
         rng = np.random.default_rng([seed, chunk])
-        part = rng.standard_normal((DEMO_CHUNK_ROWS, dim), dtype=np.float32)
-        lo = max(start - chunk * DEMO_CHUNK_ROWS, 0)
-        hi = min(stop - chunk * DEMO_CHUNK_ROWS, DEMO_CHUNK_ROWS)
+        part = rng.standard_normal((rows, dim), dtype=np.float32)
+        lo = max(start - chunk * rows, 0)
+        hi = min(stop - chunk * rows, rows)
         parts.append(part[lo:hi])
     return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
@@ -280,6 +281,8 @@ def prepare(
     source: VectorSource, drop_zero: bool = False, progress: Progress | None = None
 ) -> Targets:
     """Scan every row once: refuse NaN/Inf, find zero-norm rows, refuse or drop them."""
+    if source.layout == "demo":
+        return Targets(source)  # Gaussian rows: finite, and zero with probability 0
     zero_parts = []
     for start, columns in source.column_chunks():
         block = columns.T  # a view: rows again, without a copy
