@@ -305,12 +305,15 @@ class Engine:
         return self.buckets[-1]
 
     # -- public API --------------------------------------------------------------------
-    def warmup(self) -> float:
-        """Trace and run every bucket once, so no request pays for tracing. Returns seconds."""
+    def warmup(self, progress: Callable[[int], None] | None = None) -> float:
+        """Trace and run every bucket once, so no request pays for tracing. Returns seconds.
+        `progress` is called with each bucket size once it is warm."""
         started = time.perf_counter()
         k = min(self.config.top_k, self.max_k)
         for bucket in self.buckets:
             self.search(np.ones((bucket, self.dim), np.float32), k)
+            if progress is not None:
+                progress(bucket)
         return time.perf_counter() - started
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -34,6 +34,10 @@ class State(enum.Enum):
     FAILED = "failed"
 
 
+class LoadCancelled(FlasmaError):
+    """Loading stopped because the server is shutting down."""
+
+
 class Service:
     def __init__(self, settings: Settings, started: float | None = None) -> None:
         self.settings = settings
@@ -53,12 +57,17 @@ class Service:
         """Load vectors and warm the engine off the event loop, then start batching."""
         try:
             engine = await asyncio.get_running_loop().run_in_executor(None, self._build_engine)
+        except LoadCancelled:
+            log.info("Loading stopped: the server is shutting down.")
+            return
         except FlasmaError as exc:
             self._fail(exc)
             return
         except Exception as exc:  # noqa: BLE001 - the log names it, the process exits 1
             log.exception("Loading failed unexpectedly.")
             self._fail(FlasmaError(f"Loading failed unexpectedly: {exc}"))
+            return
+        if self.state is not State.LOADING:  # a signal came as loading finished
             return
         s = self.settings
         self.engine = engine
@@ -89,7 +98,9 @@ class Service:
         # numpy work that releases the GIL: do both at once.
         importing = threading.Thread(target=importlib.import_module, args=("flasma_ws.engine",))
         importing.start()
-        targets = open_targets(s.npy, s.dim, s.demo_size, s.demo_seed, s.drop_zero)
+        targets = open_targets(
+            s.npy, s.dim, s.demo_size, s.demo_seed, s.drop_zero, progress=self._still_wanted
+        )
         scanned = time.perf_counter()
         importing.join()
         from .engine import Engine, EngineConfig, configure_threads
@@ -114,9 +125,9 @@ class Service:
             dtype=s.dtype,
             block_size=s.block_size,
         )
-        engine = Engine(targets, config)
+        engine = Engine(targets, config, progress=self._still_wanted)
         copied = time.perf_counter()
-        engine.warmup()
+        engine.warmup(progress=self._still_wanted)
         warmed = time.perf_counter()
         log.info(
             "Start-up split: process start to load %.2f s, scan %.2f s and TensorFlow import "
@@ -130,6 +141,12 @@ class Service:
             warmed - copied,
         )
         return engine
+
+    def _still_wanted(self, _done: int = 0) -> None:
+        """Progress callback of loading: a shutdown signal stops a long load between chunks
+        (threads cannot be cancelled, and the process would wait for this one)."""
+        if self.state is State.DRAINING:
+            raise LoadCancelled
 
     def _describe(self, engine: Any) -> dict[str, object]:
         s = self.settings

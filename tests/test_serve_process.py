@@ -199,3 +199,36 @@ def test_every_serve_option_is_a_setting():
     options = {name: p.default for name, p in names.items()}
     settings = build_settings({**options, "dim": 4, "token": "t", "max_connections": 3})
     assert (settings.token, settings.max_connections) == ("t", 3)
+
+
+def test_sigterm_while_loading_exits_promptly(tmp_path):
+    port = free_port()
+    log = tmp_path / "serve.log"
+    command = [
+        sys.executable,
+        "-m",
+        "flasma_ws",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dim",
+        "2048",
+        "--demo-size",
+        "400000",
+    ]  # ~3 GB: loads for a while
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while "demo set" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 503  # loading
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+        assert time.monotonic() - started < 10
+    finally:
+        if process.poll() is None:
+            process.kill()
