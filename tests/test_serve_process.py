@@ -224,7 +224,8 @@ def test_sigterm_while_loading_exits_promptly(tmp_path):
         deadline = time.monotonic() + 60
         while "demo set" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 503  # loading
+        healthz = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=60)
+        assert healthz.status_code == 503  # still loading
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
@@ -232,3 +233,4 @@ def test_sigterm_while_loading_exits_promptly(tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
+            process.wait(30)
