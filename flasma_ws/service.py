@@ -124,6 +124,7 @@ class Service:
             device=s.device,
             dtype=s.dtype,
             block_size=s.block_size,
+            score_memory_mib=s.score_memory_mib,
         )
         engine = Engine(targets, config, progress=self._still_wanted)
         copied = time.perf_counter()

@@ -28,6 +28,7 @@ class Settings:
     top_k: int = 10
     max_k: int = 100
     block_size: int | None = None  # columns per top-k block; None = chosen from N and top_k
+    score_memory_mib: int = 512  # engine working memory: scores of one slab of columns
     tf_interop_threads: int = 1  # TensorFlow inter-op threads; 0 = TensorFlow's default
     # Batcher
     max_wait_ms: float = 0.0
@@ -74,6 +75,10 @@ class Settings:
             raise ConfigError(f"--top-k ({self.top_k}) must not exceed --max-k ({self.max_k}).")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
+        if self.score_memory_mib < 1:
+            raise ConfigError(
+                f"--score-memory-mib must be at least 1, got {self.score_memory_mib}."
+            )
         if self.block_size is not None and self.block_size < 1:
             raise ConfigError(f"--block-size must be at least 1, got {self.block_size}.")
         if self.max_wait_ms < 0 or self.drain_timeout_s < 0:

@@ -327,3 +327,11 @@ def test_gpu_engine_matches_reference(dtype: str) -> None:
     else:
         true = np.take_along_axis(ref, rows, 1)
         np.testing.assert_allclose(scores, true, atol=LOW_PRECISION_TOL[dtype])
+
+
+def test_score_memory_sets_the_slabs():
+    targets = open_targets(None, 8, demo_size=5000)
+    engine = cpu_engine(targets, max_batch=16, block_size=64, score_memory_mib=1)
+    width = 1024 * 1024 // (4 * 16) // 64 * 64
+    assert engine.slabs == [(0, 4992)]  # all 78 blocks fit in one 16,384-column slab
+    assert engine_module.column_slabs(100_000, 64, 16, 1024 * 1024)[0] == (0, width)
