@@ -282,7 +282,7 @@ class App:
             future: asyncio.Future[tuple[np.ndarray, np.ndarray] | Failure] = (
                 asyncio.get_running_loop().create_future()
             )
-            self.service.submit(query, lambda result: future.done() or future.set_result(result))
+            self.service.submit(query, lambda result: _settle(future, result))
             result = await future
         except ProtocolError as exc:
             result = Failure(exc.code, exc.message)
@@ -298,6 +298,11 @@ class App:
             metrics.queries.inc()
         metrics.requests.labels("cos", outcome).inc()
         metrics.latency_seconds.labels("cos").observe(time.perf_counter() - received)
+
+
+def _settle(future: asyncio.Future[Any], result: object) -> None:
+    if not future.done():
+        future.set_result(result)
 
 
 async def _read_body(receive: Any, limit: int) -> bytes:

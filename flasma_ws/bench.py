@@ -241,9 +241,10 @@ class _Subject:
         }
         if config.compare:
             calls["matmul"] = lambda: self.engine.matmul_only(queries)
-        if self.index is not None:
+        index = self.index
+        if index is not None:
             faiss_queries = self.faiss_queries[:batch]
-            calls["faiss"] = lambda: self.index.search(faiss_queries, config.k)
+            calls["faiss"] = lambda: index.search(faiss_queries, config.k)
         qps = {
             name: batch / per_call for name, per_call in time_calls(calls, config.seconds).items()
         }

@@ -196,6 +196,9 @@ class Client:
                 self._ws = await self._open_with_backoff()
                 self._reader = asyncio.get_running_loop().create_task(self._read(self._ws))
 
+    def _ssl_option(self) -> dict[str, Any]:
+        return {} if self.ssl is None else {"ssl": self.ssl}
+
     async def _open_with_backoff(self) -> ClientConnection:
         delay, problem = self.backoff_s, ""
         for attempt in range(1, self.connect_attempts + 1):
@@ -206,7 +209,7 @@ class Client:
                     proxy=None,  # contact the given URL only
                     open_timeout=self.open_timeout_s,
                     additional_headers=self._headers,
-                    **({"ssl": self.ssl} if self.ssl is not None else {}),  # wss:// defaults
+                    **self._ssl_option(),  # wss:// defaults when none is given
                     max_size=MAX_MESSAGE_BYTES,
                     max_queue=1024,
                 )
@@ -278,8 +281,9 @@ class Client:
         for part in parts:
             if isinstance(part, BaseException):
                 raise part
+        answers = [p for p in parts if isinstance(p, TopK)]
         return TopK(
-            np.concatenate([p.ids for p in parts]), np.concatenate([p.scores for p in parts])
+            np.concatenate([p.ids for p in answers]), np.concatenate([p.scores for p in answers])
         )
 
     async def submit(self, prepared: Prepared) -> TopK:

@@ -35,7 +35,7 @@ class EngineOutOfMemory(EngineError):
 class ProtocolError(FlasmaError):
     """A request is invalid. `code` is the wire error code; `request_id` the id if it was read."""
 
-    def __init__(self, code: str, message: str, request_id: object = None) -> None:
+    def __init__(self, code: str, message: str, request_id: str | int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message

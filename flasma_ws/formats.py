@@ -135,7 +135,7 @@ def _map_stored_member(path: Path, info: zipfile.ZipInfo) -> np.memmap | None:
     size = math.prod(shape) * dtype.itemsize
     if dtype.hasobject or size == 0 or offset + size > path.stat().st_size:
         return None
-    order = "F" if fortran else "C"
+    order: Literal["C", "F"] = "F" if fortran else "C"
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 import threading
 import time
@@ -37,7 +38,7 @@ def uvicorn_config(settings: Settings, app: App) -> uvicorn.Config:
         lifespan="on",
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=max(settings.drain_timeout_s, 0.1),
+        timeout_graceful_shutdown=max(math.ceil(settings.drain_timeout_s), 1),
         ssl_certfile=settings.certfile,
         ssl_keyfile=settings.keyfile,
     )
