@@ -35,6 +35,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -177,9 +178,8 @@ class Engine:
                 "bfloat16 also halves memory and is faster than float32 from batch 16 up."
             )
         self._load(progress)
-        self._functions: dict[int, Callable[..., tuple[tf.Tensor, tf.Tensor]]] = {}
+        self._functions: dict[tuple[int, int], Callable[..., Any]] = {}  # (id(trace), bucket)
         self._trace = tf.function(self._search_graph, jit_compile=False, autograph=False)
-        self._matmul_functions: dict[int, Callable[..., tf.Tensor]] = {}
         self._matmul_trace = tf.function(self._matmul_graph, jit_compile=False, autograph=False)
 
     # -- loading -----------------------------------------------------------------------
@@ -294,15 +294,25 @@ class Engine:
         values, positions = tf.math.top_k(values, tf.minimum(k, tf.shape(values)[1]))
         return values, tf.gather(cols, positions, batch_dims=1)
 
-    def _function(self, bucket: int) -> Callable[..., tuple[tf.Tensor, tf.Tensor]]:
-        fn = self._functions.get(bucket)
+    def _concrete(self, trace: Any, bucket: int, *more: tf.TensorSpec) -> Callable[..., Any]:
+        """The traced function for one bucket size, traced once and kept."""
+        key = (id(trace), bucket)
+        fn = self._functions.get(key)
         if fn is None:
             with tf.device(self.device):
-                fn = self._trace.get_concrete_function(
-                    tf.TensorSpec((bucket, self.dim), tf.float32), tf.TensorSpec((), tf.int32)
+                fn = trace.get_concrete_function(
+                    tf.TensorSpec((bucket, self.dim), tf.float32), *more
                 )
-            self._functions[bucket] = fn
+            self._functions[key] = fn
         return fn
+
+    def _padded(self, queries: np.ndarray) -> tuple[tf.Tensor, int]:
+        """Queries padded with zero rows to their bucket size, and that bucket."""
+        batch = queries.shape[0]
+        bucket = self.bucket_for(batch)
+        if batch < bucket:  # the pad rows' answers are dropped by the caller
+            queries = np.concatenate([queries, np.zeros((bucket - batch, self.dim), np.float32)])
+        return tf.constant(queries, tf.float32), bucket
 
     def bucket_for(self, batch: int) -> int:
         for bucket in self.buckets:
@@ -342,13 +352,10 @@ class Engine:
 
     def _search_piece(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         batch = queries.shape[0]
-        bucket = self.bucket_for(batch)
-        if batch < bucket:  # zero rows pad to the bucket; their answers are dropped below
-            queries = np.concatenate([queries, np.zeros((bucket - batch, self.dim), np.float32)])
+        padded, bucket = self._padded(queries)
         try:
-            rows, scores = self._function(bucket)(
-                tf.constant(queries, tf.float32), tf.constant(k, tf.int32)
-            )
+            search = self._concrete(self._trace, bucket, tf.TensorSpec((), tf.int32))
+            rows, scores = search(padded, tf.constant(k, tf.int32))
             return rows.numpy()[:batch].astype(np.int64), scores.numpy()[:batch]
         except tf.errors.ResourceExhaustedError as exc:
             raise EngineOutOfMemory(
@@ -364,18 +371,8 @@ class Engine:
         bucket, the call, scoring all N rows, a fetch to the host) except selecting the top k.
         `queries` is one piece, at most max_batch rows.
         """
-        batch = queries.shape[0]
-        bucket = self.bucket_for(batch)
-        fn = self._matmul_functions.get(bucket)
-        if fn is None:
-            with tf.device(self.device):
-                fn = self._matmul_trace.get_concrete_function(
-                    tf.TensorSpec((bucket, self.dim), tf.float32)
-                )
-            self._matmul_functions[bucket] = fn
-        if batch < bucket:
-            queries = np.concatenate([queries, np.zeros((bucket - batch, self.dim), np.float32)])
-        return fn(tf.constant(queries, tf.float32)).numpy()[:batch]
+        padded, bucket = self._padded(queries)
+        return self._concrete(self._matmul_trace, bucket)(padded).numpy()[: queries.shape[0]]
 
     def describe(self) -> dict[str, object]:
         return {

@@ -42,44 +42,49 @@ class VectorSource:
         """Once loaded, the file's pages need not count in our RSS; reads fault them back."""
         _release(self.array)
 
+    def _legacy_columns(self, start: int, stop: int) -> np.ndarray:
+        """A view of rows start..stop of a legacy file: column j of its (dim, N) matrix is row j."""
+        assert self.array is not None
+        return self.array.reshape(self.dim, self.n)[:, start:stop]
+
     def rows(self, start: int, stop: int) -> np.ndarray:
         if self.layout == "demo":
             return _demo_rows(self.seed, self.dim, start, stop)
         assert self.array is not None
-        if self.layout == "legacy":
-            # Column j of the (dim, N) transposed matrix is row j.
-            block = self.array.reshape(self.dim, self.n)[:, start:stop].T
-        else:
-            block = self.array[start:stop]
+        block = (
+            self._legacy_columns(start, stop).T
+            if self.layout == "legacy"
+            else self.array[start:stop]
+        )
         return np.ascontiguousarray(block, dtype=np.float32)
 
     def columns(self, start: int, stop: int) -> np.ndarray:
         """Rows start..stop as the columns of a (dim, rows) float32 block: the engine's layout.
         A legacy file is stored this way already, so it is read without any transpose."""
         if self.layout == "legacy":
-            assert self.array is not None
-            return np.array(self.array.reshape(self.dim, self.n)[:, start:stop], dtype=np.float32)
+            return np.array(self._legacy_columns(start, stop), dtype=np.float32)
         return self.rows(start, stop).T
-
-    def column_chunks(self, chunk_rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        chunk_rows = chunk_rows or chunk_rows_for(self.dim)
-        for start in range(0, self.n, chunk_rows):
-            yield start, self.columns(start, min(start + chunk_rows, self.n))
-            self.release_pages()
 
     def copy_columns(self, start: int, stop: int, out: np.ndarray) -> None:
         """Write rows start..stop into the (dim, stop - start) array `out`, unnormalized:
         a legacy file goes straight from the page cache into `out`, with no chunk between."""
         if self.layout == "legacy":
-            assert self.array is not None
-            np.copyto(out, self.array.reshape(self.dim, self.n)[:, start:stop], casting="unsafe")
+            np.copyto(out, self._legacy_columns(start, stop), casting="unsafe")
         else:
             out[...] = self.rows(start, stop).T
 
     def chunks(self, chunk_rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        return self._chunked(self.rows, chunk_rows)
+
+    def column_chunks(self, chunk_rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        return self._chunked(self.columns, chunk_rows)
+
+    def _chunked(
+        self, read: Callable[[int, int], np.ndarray], chunk_rows: int | None
+    ) -> Iterator[tuple[int, np.ndarray]]:
         chunk_rows = chunk_rows or chunk_rows_for(self.dim)
         for start in range(0, self.n, chunk_rows):
-            yield start, self.rows(start, min(start + chunk_rows, self.n))
+            yield start, read(start, min(start + chunk_rows, self.n))
             # Each chunk is read once: drop its pages so a pass over a large file does not
             # grow our RSS by the file's size.
             self.release_pages()
@@ -201,7 +206,7 @@ def normalize_rows(block: np.ndarray) -> np.ndarray:
 
 def normalize_columns(block: np.ndarray, in_place: bool = False) -> np.ndarray:
     """normalize_rows for a (dim, rows) block, the engine's layout."""
-    norms = np.sqrt(np.einsum("ij,ij->j", block, block, dtype=np.float64))
+    norms = row_norms(block.T)
     off = np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE
     if not off.any():
         return block
