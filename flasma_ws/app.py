@@ -19,7 +19,7 @@ import orjson
 
 from . import metrics as metrics_module
 from . import protocol
-from .batcher import Failure
+from .batcher import INTERNAL_MESSAGE, Failure
 from .errors import ProtocolError
 from .protocol import Query
 from .service import Service, State
@@ -95,9 +95,7 @@ class Connection:
             self._push_error(exc.request_id, exc.code, exc.message, received)
         except Exception:
             log.exception("Handling a WebSocket frame failed.")
-            self._push_error(
-                request_id, protocol.INTERNAL, "The server failed on this request.", received
-            )
+            self._push_error(request_id, protocol.INTERNAL, INTERNAL_MESSAGE, received)
 
     def _answer(
         self, query: Query, result: tuple[np.ndarray, np.ndarray] | Failure, received: float
@@ -109,9 +107,7 @@ class Connection:
             frame = protocol.Codec.encode_result(query, *result)
         except Exception:
             log.exception("Encoding an answer failed.")
-            self._push_error(
-                query.id, protocol.INTERNAL, "The server failed on this request.", received
-            )
+            self._push_error(query.id, protocol.INTERNAL, INTERNAL_MESSAGE, received)
             return
         self.service.metrics.queries.inc(query.count)
         if query.binary:
@@ -150,9 +146,7 @@ class Connection:
                 if self.closing is not None and self.inflight == 0:
                     await self.send({"type": "websocket.close", "code": self.closing})
                     return
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # the client went away mid-send
+        except Exception:  # the client went away mid-send (cancellation is not an Exception)
             self.alive = False
             self.room.set()  # a reader parked at the in-flight cap must wake up to leave
 
@@ -288,7 +282,7 @@ class App:
             result = Failure(exc.code, exc.message)
         except Exception:
             log.exception("Handling POST /cos failed.")
-            result = Failure(protocol.INTERNAL, "The server failed on this request.")
+            result = Failure(protocol.INTERNAL, INTERNAL_MESSAGE)
         if isinstance(result, Failure):
             await _error(send, result.code, result.message)
             outcome = result.code

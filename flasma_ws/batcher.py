@@ -56,7 +56,7 @@ class Pending:
     deadline: float
     answer: Answer
     owner: Owner | None
-    count: int = 0  # query rows; set from vectors
+    count: int = field(init=False)  # query rows, from vectors
     started: int = 0  # rows already handed to the engine
     finished: int = 0
     rows: np.ndarray | None = None
@@ -86,6 +86,10 @@ class Slice:
 class Batch:
     slices: list[Slice] = field(default_factory=list)
     rows: int = 0
+
+
+Running = tuple[Batch, "asyncio.Future[list[Failure | None]]"]  # a batch in the engine thread
+INTERNAL_MESSAGE = "The server failed on this request."
 
 
 class Overloaded(Exception):
@@ -155,38 +159,32 @@ class Batcher:
 
     # -- the loop ----------------------------------------------------------------------
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        running: tuple[Batch, asyncio.Future[list[Failure | None]]] | None = None
+        running: Running | None = None
         while True:
             if running is None:
                 await self._work.wait()
                 if self.max_wait_s and self._queued_rows < self.max_batch:
                     await self._gather_more()
-                batch = self._take()
-                if batch is not None:
-                    running = (batch, loop.run_in_executor(self._executor, self._compute, batch))
-                elif not self._queue:
-                    self._idle.set()
-                continue
-            batch, future = running
-            try:
-                failures = await future
-            except Exception:  # _compute answers its own failures; this is a bug guard
-                log.exception("The engine thread raised unexpectedly.")
-                failures = [Failure(protocol.INTERNAL, "The server failed on this request.")] * len(
-                    batch.slices
-                )
-            # Hand the engine its next batch before spending loop time on answers.
-            following = self._take()
-            running = None
-            if following is not None:
-                running = (
-                    following,
-                    loop.run_in_executor(self._executor, self._compute, following),
-                )
-            self._deliver(batch, failures)
+                running = self._launch(self._take())
+            else:
+                batch, future = running
+                try:
+                    failures = await future
+                except Exception:  # _compute answers its own failures; this is a bug guard
+                    log.exception("The engine thread raised unexpectedly.")
+                    failures = [Failure(protocol.INTERNAL, INTERNAL_MESSAGE)] * len(batch.slices)
+                # Hand the engine its next batch before spending loop time on answers.
+                running = self._launch(self._take())
+                self._deliver(batch, failures)
             if running is None and not self._queue:
                 self._idle.set()
+
+    def _launch(self, batch: Batch | None) -> Running | None:
+        """Start computing `batch` in the engine thread (None: nothing to start)."""
+        if batch is None:
+            return None
+        loop = asyncio.get_running_loop()
+        return batch, loop.run_in_executor(self._executor, self._compute, batch)
 
     async def _gather_more(self) -> None:
         deadline = time.monotonic() + self.max_wait_s
@@ -258,16 +256,11 @@ class Batcher:
             rows, scores = self.engine.search(vectors, k)
             return rows, scores, np.ones(len(vectors), bool)
         except EngineError as exc:
-            if len(vectors) == 1:
-                log.error("The engine failed on a single query: %s", exc)
-                return np.zeros((1, k), np.int64), np.zeros((1, k), np.float32), np.zeros(1, bool)
-            log.warning(
-                "The engine failed on a batch of %d; retrying in halves: %s", len(vectors), exc
-            )
+            log.warning("The engine failed on %d queries: %s", len(vectors), exc)
         except Exception:
-            log.exception("Unexpected engine failure on a batch of %d.", len(vectors))
-            if len(vectors) == 1:
-                return np.zeros((1, k), np.int64), np.zeros((1, k), np.float32), np.zeros(1, bool)
+            log.exception("Unexpected engine failure on %d queries.", len(vectors))
+        if len(vectors) == 1:  # nothing left to split: this query fails alone
+            return np.zeros((1, k), np.int64), np.zeros((1, k), np.float32), np.zeros(1, bool)
         half = len(vectors) // 2
         first, second = self._search_split(vectors[:half], k), self._search_split(vectors[half:], k)
         return tuple(np.concatenate(pair) for pair in zip(first, second))  # type: ignore[return-value]

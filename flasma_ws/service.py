@@ -15,8 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from . import protocol
 from .batcher import Answer, Batcher, Failure, Overloaded, Owner
 from .errors import FlasmaError, ProtocolError
@@ -48,7 +46,6 @@ class Service:
         self.codec: Codec | None = None
         self.batcher: Batcher | None = None
         self.info: dict[str, object] = {"state": "loading"}
-        self.load_error: FlasmaError | None = None
         self.on_fatal: Callable[[FlasmaError], None] | None = None
         self.connections: set[Any] = set()
 
@@ -171,7 +168,6 @@ class Service:
 
     def _fail(self, exc: FlasmaError) -> None:
         self.state = State.FAILED
-        self.load_error = exc
         log.error("%s", exc)
         if self.on_fatal is not None:
             self.on_fatal(exc)
@@ -218,8 +214,3 @@ class Service:
     async def close(self) -> None:
         if self.batcher is not None:
             await self.batcher.close()
-
-
-def as_arrays(result: tuple[np.ndarray, np.ndarray] | Failure) -> tuple[np.ndarray, np.ndarray]:
-    assert not isinstance(result, Failure)
-    return result
