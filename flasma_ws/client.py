@@ -34,7 +34,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from .errors import FlasmaError, ServerError
-from .protocol import BINARY_HEADER, Codec
+from .protocol import Codec, encode_binary_query
 
 __all__ = [
     "Client",
@@ -123,8 +123,8 @@ def prepare(
         if count > U16_MAX:
             raise ValueError(f"A binary frame holds at most {U16_MAX} queries; got {count}.")
         # The id (first 8 bytes of the header) is prepended at send time.
-        fields = BINARY_HEADER.pack(0, k or 0, count, timeout_ms or 0)[8:]
-        return Prepared(fields + array.astype("<f4", copy=False).tobytes(), count, multi, True)
+        frame = encode_binary_query(0, array, k or 0, timeout_ms or 0)
+        return Prepared(frame[8:], count, multi, True)
     request: dict[str, Any] = {"embeddings" if multi else "embedding": array}
     if k is not None:
         request["k"] = k

@@ -17,7 +17,7 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -323,43 +323,43 @@ class Run:
         if frame < self.workload.verify_frames and frame not in self.captured:
             self.captured[frame] = result
 
+    def finish(
+        self, frame: int, measured: bool, since: float, code: str, result: TopK | None
+    ) -> None:
+        """Record one answer, a result or an error code; latency counts from `since` (the
+        send, or in an open loop the scheduled time)."""
+        now = time.perf_counter()
+        if result is None:
+            self.recorder.failed(measured, code, now)
+        else:
+            self.recorder.ok(measured, now - since, now)
+            self.capture(frame, result)
 
-async def _closed_ws(run: Run, client: Client) -> None:
+
+Exchange = Callable[[Any], Awaitable[tuple[str, TopK | None]]]  # a frame -> (code, result)
+
+
+async def _closed(run: Run, exchange: Exchange) -> None:
     """One in-flight slot of a connection: send, wait for the answer, repeat."""
     frames = run.workload.frames
-    recorder = run.recorder
-    clock = time.perf_counter
     while (frame := run.next_frame()) is not None:
         measured = run.measuring
-        recorder.started(measured)
-        sent = clock()
+        run.recorder.started(measured)
+        sent = time.perf_counter()
+        code, result = await exchange(frames[frame])
+        run.finish(frame, measured, sent, code, result)
+
+
+def _ws_exchange(client: Client) -> Exchange:
+    async def exchange(prepared: Prepared) -> tuple[str, TopK | None]:
         try:
-            result = await client.submit(frames[frame])  # type: ignore[arg-type]
+            return "ok", await client.submit(prepared)
         except ServerError as exc:
-            recorder.failed(measured, exc.code, clock())
+            return exc.code, None
         except ConnectionLost:
-            recorder.failed(measured, CONNECTION_ERROR, clock())
-        else:
-            now = clock()
-            recorder.ok(measured, now - sent, now)
-            run.capture(frame, result)
+            return CONNECTION_ERROR, None
 
-
-async def _closed_http(run: Run, connection: HttpConnection) -> None:
-    bodies = run.workload.frames
-    recorder = run.recorder
-    clock = time.perf_counter
-    while (frame := run.next_frame()) is not None:
-        measured = run.measuring
-        recorder.started(measured)
-        sent = clock()
-        code, result = await connection.post(bodies[frame])  # type: ignore[arg-type]
-        now = clock()
-        if result is None:
-            recorder.failed(measured, code, now)
-        else:
-            recorder.ok(measured, now - sent, now)
-            run.capture(frame, result)
+    return exchange
 
 
 class HttpConnection:
@@ -439,17 +439,15 @@ def _ws_open_send(run: Run, client: Client) -> Callable[[int, bool, float], Any]
 def _open_done(
     run: Run, future: asyncio.Future[TopK], frame: int, measured: bool, due: float
 ) -> None:
-    now = time.perf_counter()
     if future.cancelled():
-        run.recorder.failed(measured, CONNECTION_ERROR, now)
+        run.finish(frame, measured, due, CONNECTION_ERROR, None)
         return
     exc = future.exception()
     if exc is None:
-        run.recorder.ok(measured, now - due, now)  # from the scheduled time
-        run.capture(frame, future.result())
+        run.finish(frame, measured, due, "ok", future.result())  # from the scheduled time
     else:
         code = exc.code if isinstance(exc, ServerError) else CONNECTION_ERROR
-        run.recorder.failed(measured, code, now)
+        run.finish(frame, measured, due, code, None)
 
 
 def _http_open_send(
@@ -459,12 +457,7 @@ def _http_open_send(
 
     async def one(frame: int, measured: bool, due: float) -> None:
         code, result = await connection.post(run.workload.frames[frame])  # type: ignore[arg-type]
-        now = time.perf_counter()
-        if result is None:
-            recorder.failed(measured, code, now)
-        else:
-            recorder.ok(measured, now - due, now)
-            run.capture(frame, result)
+        run.finish(frame, measured, due, code, result)
 
     async def send(frame: int, measured: bool, due: float) -> None:
         recorder.started(measured)
@@ -595,7 +588,7 @@ class WsDriver:
         run, config, loop = self.run, self.run.config, asyncio.get_running_loop()
         if config.rate is None:
             return [
-                loop.create_task(_closed_ws(run, c))
+                loop.create_task(_closed(run, _ws_exchange(c)))
                 for c in self.clients
                 for _ in range(config.inflight)
             ]
@@ -640,7 +633,7 @@ class HttpDriver:
         run, config, loop = self.run, self.run.config, asyncio.get_running_loop()
         if config.rate is None:  # `inflight` slots take turns on each connection
             return [
-                loop.create_task(_closed_http(run, c))
+                loop.create_task(_closed(run, c.post))
                 for c in self.connections
                 for _ in range(config.inflight)
             ]
