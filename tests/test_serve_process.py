@@ -29,9 +29,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start(
+def launch(
     log: Path, *args: str, env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
+    """`flasma-ws serve` on a free loopback port, logging to a file; (process, base URL)."""
     port = free_port()
     command = [
         sys.executable,
@@ -48,7 +49,14 @@ def start(
         process = subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
         )
-    base = f"http://127.0.0.1:{port}"
+    return process, f"http://127.0.0.1:{port}"
+
+
+def start(
+    log: Path, *args: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """launch(), then wait until /healthz says ready."""
+    process, base = launch(log, *args, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         assert process.poll() is None, log.read_text()
@@ -202,29 +210,14 @@ def test_every_serve_option_is_a_setting():
 
 
 def test_sigterm_while_loading_exits_promptly(tmp_path):
-    port = free_port()
     log = tmp_path / "serve.log"
-    command = [
-        sys.executable,
-        "-m",
-        "flasma_ws",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--dim",
-        "2048",
-        "--demo-size",
-        "400000",
-    ]  # ~3 GB: loads for a while
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    # ~3 GB of demo vectors: loads for a while
+    process, base = launch(log, "--dim", "2048", "--demo-size", "400000")
     try:
         deadline = time.monotonic() + 60
         while "demo set" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.05)
-        healthz = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=60)
+        healthz = httpx.get(f"{base}/healthz", timeout=60)
         assert healthz.status_code == 503  # still loading
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
