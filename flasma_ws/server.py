@@ -58,6 +58,12 @@ class FlasmaServer(uvicorn.Server):
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.servers and self.servers[0].sockets:  # --port 0 picks one: log that one
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            self.service.address = f"{host}:{port}"
+
     @property
     def port(self) -> int:
         """The bound port (useful with port 0)."""

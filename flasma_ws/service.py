@@ -48,6 +48,7 @@ class Service:
         self.info: dict[str, object] = {"state": "loading"}
         self.on_fatal: Callable[[FlasmaError], None] | None = None
         self.connections: set[Any] = set()
+        self.address = f"{settings.host}:{settings.port}"  # the listener sets the bound one
 
     # -- start-up ----------------------------------------------------------------------
     async def load(self) -> None:
@@ -75,9 +76,8 @@ class Service:
         self.state = State.READY
         self.metrics.ready.set(1)
         log.info(
-            "Ready on %s:%d: %d vectors of dim %d (%s) on %s as %s, %.2f s from start.",
-            s.host,
-            s.port,
+            "Ready on %s: %d vectors of dim %d (%s) on %s as %s, %.2f s from start.",
+            self.address,
             engine.n,
             engine.dim,
             self.info["source"],

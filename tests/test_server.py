@@ -4,6 +4,7 @@ clients, real TensorFlow. Every answer is checked against a float64 brute force.
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 
 import httpx
@@ -268,3 +269,12 @@ def test_healthz_is_503_while_draining():
 def test_binary_header_layout_is_documented_size():
     assert BINARY_HEADER.size == 16
     assert struct.calcsize("<QHHI") == 16
+
+
+def test_ready_log_names_the_bound_port_when_started_on_port_0(caplog):
+    caplog.set_level(logging.INFO, logger="flasma_ws")
+    with BackgroundServer(Settings(dim=8, demo_size=100, port=0)) as running:
+        port = running.server.port
+    ready = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Ready on")]
+    assert port != 0
+    assert len(ready) == 1 and ready[0].startswith(f"Ready on 127.0.0.1:{port}:"), ready
