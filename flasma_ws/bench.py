@@ -328,7 +328,7 @@ def report(config: BenchConfig, results: list[Result]) -> dict[str, Any]:
         ),
         "machine": machine(),
         "matmul_qps_includes": (
-            "query conversion, padding to the bucket, the TensorFlow call, normalization, the "
+            "query conversion, the TensorFlow call, normalization, the "
             "matmul over all N rows, a row max, and fetching B floats to the host"
         ),
         "results": [r.to_json() for r in results],

@@ -63,10 +63,10 @@ class EngineConfig:
     score_memory_mib: int | None = None  # scores of one slab, full batch; None = 512 MiB
 
 
-def batch_buckets(max_batch: int) -> list[int]:
-    """Powers of two up to max_batch, plus max_batch itself."""
-    buckets = [1 << i for i in range(max_batch.bit_length()) if (1 << i) < max_batch]
-    return [*buckets, max_batch]
+def warmup_batches(max_batch: int) -> list[int]:
+    """Powers of two up to max_batch, plus max_batch itself: the batch sizes run at start-up."""
+    sizes = [1 << i for i in range(max_batch.bit_length()) if (1 << i) < max_batch]
+    return [*sizes, max_batch]
 
 
 def choose_block_size(n: int, k: int) -> int:
@@ -171,7 +171,7 @@ class Engine:
         self.n_main = self.n_blocks * self.block
         budget = config.score_memory_mib and config.score_memory_mib * 1024 * 1024
         self.slabs = column_slabs(self.n_main, self.block, config.max_batch, budget)
-        self.buckets = batch_buckets(config.max_batch)
+        self.warmup_batches = warmup_batches(config.max_batch)
         if config.dtype == "float16" and "CPU" in self.device:
             log.warning(
                 "float16 matmul on CPU runs 2-5x slower than float32 (no float16 arithmetic); "
@@ -179,7 +179,7 @@ class Engine:
             )
         self._load(progress)
         self._reserve_working_memory()
-        self._functions: dict[tuple[int, int], Callable[..., Any]] = {}  # (id(trace), bucket)
+        self._functions: dict[int, Callable[..., Any]] = {}  # id(trace) -> concrete function
         self._trace = tf.function(self._search_graph, jit_compile=False, autograph=False)
         self._matmul_trace = tf.function(self._matmul_graph, jit_compile=False, autograph=False)
 
@@ -318,42 +318,31 @@ class Engine:
         values, positions = tf.math.top_k(values, tf.minimum(k, tf.shape(values)[1]))
         return values, tf.gather(cols, positions, batch_dims=1)
 
-    def _concrete(self, trace: Any, bucket: int, *more: tf.TensorSpec) -> Callable[..., Any]:
-        """The traced function for one bucket size, traced once and kept."""
-        key = (id(trace), bucket)
-        fn = self._functions.get(key)
+    def _concrete(self, trace: Any, *more: tf.TensorSpec) -> Callable[..., Any]:
+        """The traced function, traced once for every batch size and kept.
+
+        The batch dimension is left unknown rather than padded to a few fixed sizes: the
+        graph's cost then follows the real batch (65 queries took 8.3 ms against 15.5 ms
+        padded to 128, at N = 100k, d = 100), and a batch size seen for the first time costs
+        no more than later ones (docs/benchmarks.md)."""
+        fn = self._functions.get(id(trace))
         if fn is None:
             with tf.device(self.device):
-                fn = trace.get_concrete_function(
-                    tf.TensorSpec((bucket, self.dim), tf.float32), *more
-                )
-            self._functions[key] = fn
+                fn = trace.get_concrete_function(tf.TensorSpec((None, self.dim), tf.float32), *more)
+            self._functions[id(trace)] = fn
         return fn
-
-    def _padded(self, queries: np.ndarray) -> tuple[tf.Tensor, int]:
-        """Queries padded with zero rows to their bucket size, and that bucket."""
-        batch = queries.shape[0]
-        bucket = self.bucket_for(batch)
-        if batch < bucket:  # the pad rows' answers are dropped by the caller
-            queries = np.concatenate([queries, np.zeros((bucket - batch, self.dim), np.float32)])
-        return tf.constant(queries, tf.float32), bucket
-
-    def bucket_for(self, batch: int) -> int:
-        for bucket in self.buckets:
-            if batch <= bucket:
-                return bucket
-        return self.buckets[-1]
 
     # -- public API --------------------------------------------------------------------
     def warmup(self, progress: Callable[[int], None] | None = None) -> float:
-        """Trace and run every bucket once, so no request pays for tracing. Returns seconds.
-        `progress` is called with each bucket size once it is warm."""
+        """Trace the search and run it at each warm-up batch size, so that no request pays
+        for tracing or for TensorFlow's first run of a shape. Returns seconds. `progress` is
+        called with each batch size once it has run."""
         started = time.perf_counter()
         k = min(self.config.top_k, self.max_k)
-        for bucket in self.buckets:
-            self.search(np.ones((bucket, self.dim), np.float32), k)
+        for batch in self.warmup_batches:
+            self.search(np.ones((batch, self.dim), np.float32), k)
             if progress is not None:
-                progress(bucket)
+                progress(batch)
         return time.perf_counter() - started
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -367,8 +356,8 @@ class Engine:
         if not 1 <= k <= self.max_k:
             raise EngineError(f"k must be between 1 and {self.max_k}, got {k}.")
         pieces = [
-            self._search_piece(queries[i : i + self.buckets[-1]], k)
-            for i in range(0, max(queries.shape[0], 1), self.buckets[-1])
+            self._search_piece(queries[i : i + self.config.max_batch], k)
+            for i in range(0, max(queries.shape[0], 1), self.config.max_batch)
         ]
         rows = np.concatenate([p[0] for p in pieces]) if len(pieces) > 1 else pieces[0][0]
         scores = np.concatenate([p[1] for p in pieces]) if len(pieces) > 1 else pieces[0][1]
@@ -376,11 +365,10 @@ class Engine:
 
     def _search_piece(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         batch = queries.shape[0]
-        padded, bucket = self._padded(queries)
         try:
-            search = self._concrete(self._trace, bucket, tf.TensorSpec((), tf.int32))
-            rows, scores = search(padded, tf.constant(k, tf.int32))
-            return rows.numpy()[:batch].astype(np.int64), scores.numpy()[:batch]
+            search = self._concrete(self._trace, tf.TensorSpec((), tf.int32))
+            rows, scores = search(tf.constant(queries, tf.float32), tf.constant(k, tf.int32))
+            return rows.numpy().astype(np.int64), scores.numpy()
         except tf.errors.ResourceExhaustedError as exc:
             raise EngineOutOfMemory(
                 f"{self.device} ran out of memory for a batch of {batch}; lower --max-batch."
@@ -391,12 +379,12 @@ class Engine:
     def matmul_only(self, queries: np.ndarray) -> np.ndarray:
         """Each query's best score, from the same normalize-and-matmul as `search` but no top-k.
 
-        The bench's ceiling: every call pays what `search` pays (conversion, padding to the
-        bucket, the call, scoring all N rows, a fetch to the host) except selecting the top k.
+        The bench's ceiling: every call pays what `search` pays (conversion, the call,
+        scoring all N rows, a fetch to the host) except selecting the top k.
         `queries` is one piece, at most max_batch rows.
         """
-        padded, bucket = self._padded(queries)
-        return self._concrete(self._matmul_trace, bucket)(padded).numpy()[: queries.shape[0]]
+        best = self._concrete(self._matmul_trace)(tf.constant(queries, tf.float32))
+        return best.numpy()
 
     def describe(self) -> dict[str, object]:
         return {
@@ -405,5 +393,5 @@ class Engine:
             "device": self.device,
             "dtype": self.config.dtype,
             "block_size": self.block,
-            "buckets": self.buckets,
+            "warmup_batches": self.warmup_batches,
         }

@@ -135,7 +135,7 @@ class Service:
             imported - began,
             engine.device,
             copied - imported,
-            len(engine.buckets),
+            len(engine.warmup_batches),
             warmed - copied,
         )
         return engine

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 import flasma_ws.engine as engine_module
-from flasma_ws.engine import Engine, EngineConfig, batch_buckets, choose_block_size
+from flasma_ws.engine import Engine, EngineConfig, choose_block_size, warmup_batches
 from flasma_ws.errors import ConfigError, EngineError
 from flasma_ws.vectors import Targets, load_matrix, open_targets
 
@@ -157,21 +157,21 @@ def test_answer_does_not_depend_on_the_batch() -> None:
     alone_rows, alone_scores = engine.search(probe, 10)
     assert_exact(reference_scores(load_matrix(targets), probe), alone_rows, alone_scores, 10)
     answers = []
-    for at in (0, 40, 127):  # a full bucket of 128, the probe among different neighbours
+    for at in (0, 40, 127):  # a batch of 128, the probe among different neighbours
         others = rng.standard_normal((127, 48), dtype=np.float32)
         rows, scores = engine.search(np.insert(others, at, probe, axis=0), 10)
         np.testing.assert_array_equal(rows[at], alone_rows[0])
         np.testing.assert_allclose(scores[at], alone_scores[0], rtol=0, atol=SCORE_TOL)
         answers.append(scores[at])
-    # Within one bucket the neighbours do not even change the rounding.
+    # At one batch size the neighbours do not even change the rounding.
     np.testing.assert_array_equal(answers[0], answers[1])
     np.testing.assert_array_equal(answers[0], answers[2])
 
 
-def test_every_bucket_size_and_more() -> None:
+def test_every_batch_size_and_more() -> None:
     targets = open_targets(None, 20, demo_size=900, demo_seed=9)
     engine = cpu_engine(targets, max_batch=6)
-    assert engine.buckets == [1, 2, 4, 6] == batch_buckets(6)
+    assert engine.warmup_batches == [1, 2, 4, 6] == warmup_batches(6)
     ref_matrix = load_matrix(targets)
     rng = np.random.default_rng(4)
     for batch in (1, 2, 3, 5, 6, 7, 13):

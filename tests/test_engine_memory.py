@@ -22,7 +22,7 @@ engine = Engine(open_targets(None, 16, demo_size=400_000, demo_seed=0),
                 EngineConfig(device="cpu", max_batch=128))
 before = rss_mib()
 rng = np.random.default_rng(0)
-for batch in [*engine.buckets, *rng.integers(1, 129, 40)]:
+for batch in [*engine.warmup_batches, *rng.integers(1, 129, 40)]:
     queries = rng.standard_normal((int(batch), 16), dtype=np.float32)
     engine.search(queries, int(rng.integers(1, 101)))
 print(json.dumps({"growth": rss_mib() - before}))
