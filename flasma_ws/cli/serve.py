@@ -76,7 +76,7 @@ def serve(
         int,
         _opt(
             "MiB of scores per slab of columns for a full batch: the engine's working memory. "
-            "Less memory costs speed (128 saves ~465 MiB at 1M x 768 for ~17 % fewer q/s).",
+            "Less memory costs speed (128 saves ~400 MiB at 1M x 768 for ~17 % fewer q/s).",
             "SCORE_MEMORY_MIB",
         ),
     ] = 512,
