@@ -253,9 +253,12 @@ class Engine:
         # request (or 128 MiB over it), and the split-off half is where the top-k's and the
         # matmul's smaller buffers go. Pages the searches never touch cost no memory.
         reserve = 2 * scores + 64 * 1024 * 1024
-        with tf.device(self.device):
-            block = tf.raw_ops.Empty(shape=[reserve], dtype=tf.uint8, init=False)
-        del block
+        try:
+            with tf.device(self.device):
+                block = tf.raw_ops.Empty(shape=[reserve], dtype=tf.uint8, init=False)
+            del block
+        except tf.errors.ResourceExhaustedError:  # only an optimization: search still works
+            log.warning("Could not reserve %d MiB for searches up front.", reserve >> 20)
 
     # -- the graph ---------------------------------------------------------------------
     def _normalized(self, queries: tf.Tensor) -> tf.Tensor:

@@ -5,6 +5,7 @@ so other tests' searches would blur the measurement."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -39,3 +40,31 @@ def test_mixed_batches_reuse_one_score_matrix() -> None:
     growth = json.loads(done.stdout.strip().splitlines()[-1])["growth"]
     score_mib = 128 * 400_000 * 4 / 2**20
     assert growth < score_mib * 1.125 + 32 + 40, f"RSS grew {growth:.0f} MiB"
+
+
+CAPPED = """
+import logging, numpy as np
+logging.basicConfig(level=logging.WARNING)
+from flasma_ws.engine import Engine, EngineConfig
+from flasma_ws.vectors import load_matrix, open_targets
+
+targets = open_targets(None, 16, demo_size=50_000, demo_seed=1)
+engine = Engine(targets, EngineConfig(device="cpu", max_batch=128))
+queries = np.random.default_rng(2).standard_normal((128, 16), dtype=np.float32)
+rows, _ = engine.search(queries, 5)
+matrix = load_matrix(targets).astype(np.float64)
+best = np.argsort(-(queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ matrix.T, axis=1)
+print("SAME" if (rows[:, 0] == best[:, 0]).all() else "DIFFERENT")
+"""
+
+
+def test_a_pool_too_small_for_the_reservation_only_warns() -> None:
+    """The up-front block is an optimization: where TensorFlow's pool is capped below it (here
+    100 MB against 115 MiB asked), the engine says so and searches as before."""
+    env = {**os.environ, "TF_MKL_ALLOC_MAX_BYTES": str(100_000_000)}
+    done = subprocess.run(
+        [sys.executable, "-c", CAPPED], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Could not reserve" in done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "SAME"
