@@ -243,7 +243,7 @@ class Engine:
         twice the largest score matrix (1M x 768: RSS 1.34x the matrix above TensorFlow's
         baseline); with one region reserved up front every search fits in it (1.19x), at
         unchanged speed. `Empty` does not write the block, so no page is touched here.
-        The system allocator was also tried: as small in memory, but 5-15 % slower."""
+        The system allocator was also tried: as small in memory, but 4-20 % slower."""
         if "CPU" not in self.device or not self.slabs:
             return
         width = max(hi - lo for lo, hi in self.slabs)
