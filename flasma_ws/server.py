@@ -61,8 +61,7 @@ class FlasmaServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.servers and self.servers[0].sockets:  # --port 0 picks one: log that one
-            host, port = self.servers[0].sockets[0].getsockname()[:2]
-            self.service.address = f"{host}:{port}"
+            self.service.address = f"{self.settings.host}:{self.port}"
 
     @property
     def port(self) -> int:
