@@ -35,6 +35,14 @@ def loadtest(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
+def loadtest_report(tmp_path: Path, *args: str) -> tuple[dict, str]:
+    """A successful run's --json-out report, and what it printed."""
+    out = tmp_path / "report.json"
+    code, output = loadtest(*args, "--json-out", str(out))
+    assert code == 0, output
+    return json.loads(out.read_text()), output
+
+
 def assert_report(point: dict, sent: int | None = None) -> None:
     assert point.keys() >= REPORT_KEYS
     assert point["latency_ms"].keys() >= LATENCY_KEYS
@@ -47,21 +55,9 @@ def assert_report(point: dict, sent: int | None = None) -> None:
 
 
 def test_count_with_verify_writes_the_report(server: BackgroundServer, tmp_path: Path) -> None:
-    out = tmp_path / "r.json"
-    code, output = loadtest(
-        "--url",
-        server.url,
-        "--count",
-        "200",
-        "--verify",
-        "50",
-        "--json-out",
-        str(out),
-        "--inflight",
-        "4",
+    report, output = loadtest_report(
+        tmp_path, "--url", server.url, "--count", "200", "--verify", "50", "--inflight", "4"
     )
-    assert code == 0, output
-    report = json.loads(out.read_text())
     assert_report(report, sent=200)
     assert report["recall"] == 1.0 and report["exact"] and report["verified"] == 50
     assert report["mode"] == "ws-json" and report["loop"] == "closed"
@@ -71,8 +67,8 @@ def test_count_with_verify_writes_the_report(server: BackgroundServer, tmp_path:
 
 
 def test_binary_multi_open_loop_with_warmup(server: BackgroundServer, tmp_path: Path) -> None:
-    out = tmp_path / "r.json"
-    code, output = loadtest(
+    report, _ = loadtest_report(
+        tmp_path,
         "--url",
         server.url,
         "--binary",
@@ -92,19 +88,15 @@ def test_binary_multi_open_loop_with_warmup(server: BackgroundServer, tmp_path: 
         "3",
         "--verify",
         "10",
-        "--json-out",
-        str(out),
     )
-    assert code == 0, output
-    report = json.loads(out.read_text())
     assert_report(report)
     assert report["mode"] == "ws-binary" and report["loop"] == "open" and report["multi"] == 4
     assert report["sent"] % 4 == 0 and report["exact"]
 
 
 def test_http_mode(server: BackgroundServer, tmp_path: Path) -> None:
-    out = tmp_path / "r.json"
-    code, output = loadtest(
+    report, _ = loadtest_report(
+        tmp_path,
         "--url",
         server.url,
         "--http",
@@ -116,18 +108,14 @@ def test_http_mode(server: BackgroundServer, tmp_path: Path) -> None:
         "60",
         "--verify",
         "10",
-        "--json-out",
-        str(out),
     )
-    assert code == 0, output
-    report = json.loads(out.read_text())
     assert_report(report, sent=60)
     assert report["mode"] == "http" and report["exact"]
 
 
 def test_sweep_writes_one_point_per_value(server: BackgroundServer, tmp_path: Path) -> None:
-    out = tmp_path / "sweep.json"
-    code, output = loadtest(
+    report, _ = loadtest_report(
+        tmp_path,
         "--url",
         server.url,
         "--sweep",
@@ -135,11 +123,7 @@ def test_sweep_writes_one_point_per_value(server: BackgroundServer, tmp_path: Pa
         "--count",
         "40",
         "--binary",
-        "--json-out",
-        str(out),
     )
-    assert code == 0, output
-    report = json.loads(out.read_text())
     assert report["sweep"] == "connections" and report["values"] == [1, 3]
     assert [p["connections"] for p in report["points"]] == [1, 3]
     for point in report["points"]:
