@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import math
 import mmap
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,11 +38,13 @@ from typing import Any
 
 import numpy as np
 
-# TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) is not for our users; an explicit
-# TF_CPP_MIN_LOG_LEVEL still wins.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import tensorflow as tf  # noqa: E402
+# isort: off
+from . import tf_runtime  # first: it sets oneDNN and the log level before TensorFlow loads
+import tensorflow as tf
 
+# isort: on
+from .blas_search import MAX_ROWS as BLAS_MAX_ROWS
+from .blas_search import BlasSearch
 from .errors import ConfigError, EngineError, EngineOutOfMemory
 from .vectors import Targets, chunk_rows_for
 
@@ -139,6 +140,25 @@ def _host_buffer(shape: tuple[int, int]) -> np.ndarray:
     )
 
 
+def unit_queries(queries: np.ndarray) -> np.ndarray:
+    """Each row divided by its norm, computed in float64 and rounded once to float32.
+
+    On the host rather than in the graph, so that every path (TensorFlow on any device, the
+    BLAS path for small batches) scores the very same normalized query; float64 also cannot
+    overflow on squares of float32 components. Rows must be finite and non-zero."""
+    q = queries.astype(np.float64)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    return q.astype(np.float32)
+
+
+def _exact_float32_matmuls() -> bool:
+    """Turn TensorFloat-32 off: on NVIDIA Ampere and newer GPUs TensorFlow otherwise runs
+    float32 matmuls with 10-bit mantissas (relative error ~5e-4), which breaks exact top-k.
+    Process-wide; returns whether TF32 is still on (False)."""
+    tf.config.experimental.enable_tensor_float_32_execution(False)
+    return bool(tf.config.experimental.tensor_float_32_execution_enabled())
+
+
 def _shared_tensor(array: np.ndarray) -> tf.Tensor:
     """A tensor over the array's memory (the tensor keeps the array alive)."""
     if array.size == 0:
@@ -166,6 +186,9 @@ class Engine:
         self.max_k = min(config.max_k, self.n)
         self.device = resolve_device(config.device)
         self.dtype = TF_DTYPES[config.dtype]
+        self.onednn = tf_runtime.onednn_state()
+        self.tf32 = _exact_float32_matmuls()
+        self._blas: BlasSearch | None = None  # set by _load_shared_host
         self.block = config.block_size or choose_block_size(self.n, config.top_k)
         self.n_blocks = self.n // self.block
         self.n_main = self.n_blocks * self.block
@@ -208,14 +231,15 @@ class Engine:
     def _load_shared_host(self, progress: Callable[[int], None] | None) -> None:
         """CPU: fill aligned host arrays and hand them to TensorFlow through DLPack, which
         shares the memory instead of copying it: the matrix exists exactly once."""
-        self._slab_tensors = []
-        for lo, hi in self.slabs:
+        buffers = []
+        for lo, hi in [*self.slabs, (self.n_main, self.n)]:
             buffer = _host_buffer((self.dim, hi - lo))
             self.targets.fill_columns(buffer, lo, progress)
-            self._slab_tensors.append(_shared_tensor(buffer))
-        tail = _host_buffer((self.dim, self.n - self.n_main))
-        self.targets.fill_columns(tail, self.n_main, progress)
+            buffers.append((lo, buffer))
+        *slabs, (_, tail) = buffers
+        self._slab_tensors = [_shared_tensor(buffer) for _, buffer in slabs]
         self._tail = _shared_tensor(tail)
+        self._blas = BlasSearch(buffers, self.n, self.block, self.n_main)
 
     def _load_variables(self, progress: Callable[[int], None] | None) -> None:
         """GPU or a narrower dtype: copy chunk by chunk into device variables."""
@@ -243,8 +267,10 @@ class Engine:
         twice the largest score matrix (1M x 768: RSS 1.34x the matrix above TensorFlow's
         baseline); with one region reserved up front every search fits in it (1.19x), at
         unchanged speed. `Empty` does not write the block, so no page is touched here.
-        The system allocator was also tried: as small in memory, but 4-20 % slower."""
-        if "CPU" not in self.device or not self.slabs:
+        The system allocator was also tried: as small in memory, but 4-20 % slower.
+        Without oneDNN TensorFlow's CPU allocator is not that pool (it frees to the system),
+        so there is nothing to reserve."""
+        if "CPU" not in self.device or not self.slabs or not self.onednn.enabled:
             return
         width = max(hi - lo for lo, hi in self.slabs)
         per_score = 4 + (self.dtype.size if self.dtype != tf.float32 else 0)  # + cast input
@@ -262,13 +288,10 @@ class Engine:
 
     # -- the graph ---------------------------------------------------------------------
     def _normalized(self, queries: tf.Tensor) -> tf.Tensor:
-        # Scale by the largest component first so the squares cannot overflow float32.
-        scale = tf.reduce_max(tf.abs(queries), axis=1, keepdims=True)
-        q = tf.math.l2_normalize(tf.math.divide_no_nan(queries, scale), axis=1)
-        return tf.cast(q, self.dtype)
+        return tf.cast(queries, self.dtype)  # normalized on the host: `unit_queries`
 
     def _matmul_graph(self, queries: tf.Tensor) -> tf.Tensor:
-        """Normalize and score against every row like `_search_graph`, then only a row max."""
+        """Score against every row like `_search_graph`, then only a row max."""
         q = self._normalized(queries)
         best = [tf.reduce_max(tf.matmul(q, slab), axis=1) for slab in self._slab_tensors]
         if self.n > self.n_main:
@@ -358,6 +381,7 @@ class Engine:
             raise EngineError(f"Queries must have shape (B, {self.dim}), got {queries.shape}.")
         if not 1 <= k <= self.max_k:
             raise EngineError(f"k must be between 1 and {self.max_k}, got {k}.")
+        queries = unit_queries(queries)
         pieces = [
             self._search_piece(queries[i : i + self.config.max_batch], k)
             for i in range(0, max(queries.shape[0], 1), self.config.max_batch)
@@ -368,6 +392,8 @@ class Engine:
 
     def _search_piece(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         batch = queries.shape[0]
+        if self._blas is not None and 0 < batch <= BLAS_MAX_ROWS:
+            return self._blas.search(queries, k)
         try:
             search = self._concrete(self._trace, tf.TensorSpec((), tf.int32))
             rows, scores = search(tf.constant(queries, tf.float32), tf.constant(k, tf.int32))
@@ -386,7 +412,7 @@ class Engine:
         scoring all N rows, a fetch to the host) except selecting the top k.
         `queries` is one piece, at most max_batch rows.
         """
-        best = self._concrete(self._matmul_trace)(tf.constant(queries, tf.float32))
+        best = self._concrete(self._matmul_trace)(tf.constant(unit_queries(queries)))
         return best.numpy()
 
     def describe(self) -> dict[str, object]:
@@ -397,4 +423,7 @@ class Engine:
             "dtype": self.config.dtype,
             "block_size": self.block,
             "warmup_batches": self.warmup_batches,
+            "onednn": self.onednn.describe(),
+            "tf32": self.tf32,
+            "blas_max_batch": BLAS_MAX_ROWS if self._blas is not None else 0,
         }

@@ -138,6 +138,22 @@ def test_ties_follow_stable_order(tmp_path: Path, n: int, block: int, k: int) ->
     np.testing.assert_allclose(scores, np.take_along_axis(ref, rows, 1), rtol=0, atol=SCORE_TOL)
 
 
+@pytest.mark.parametrize(("n", "block", "k"), [(203, 8, 50), (203, 16, 203), (64, 64, 20)])
+def test_ties_alone_as_in_a_batch(tmp_path: Path, n: int, block: int, k: int) -> None:
+    """One query alone takes the BLAS path, several the TensorFlow path: the same tie order."""
+    dim = 6
+    targets = npy_targets(tmp_path, one_hot_rows(n, dim, seed=n + block))
+    engine = cpu_engine(targets, max_batch=8, max_k=n, block_size=block)
+    queries = tie_queries(dim, 5, seed=block + 1)
+    batched_rows, batched_scores = engine.search(queries, k)
+    ref = reference_scores(load_matrix(targets), queries)
+    for b in range(len(queries)):
+        rows, scores = engine.search(queries[b : b + 1], k)
+        np.testing.assert_array_equal(rows[0], batched_rows[b])
+        np.testing.assert_array_equal(rows[0], stable_top_k(ref, k)[b])
+        np.testing.assert_allclose(scores[0], batched_scores[b], rtol=0, atol=SCORE_TOL)
+
+
 def test_identical_rows_come_back_lowest_first(tmp_path: Path) -> None:
     rng = np.random.default_rng(11)
     row = rng.standard_normal(12, dtype=np.float32)
@@ -149,23 +165,32 @@ def test_identical_rows_come_back_lowest_first(tmp_path: Path) -> None:
 
 
 # -- batching ----------------------------------------------------------------------------------
+def dot_product_bound(dim: int) -> float:
+    """How far two float32 computations of one score may differ: each sum of `dim` products
+    of unit vectors' components is within gamma_d = d u / (1 - d u) of the exact value
+    (u = 2^-24; the sum of |q_i x_i| is at most |q| |x| = 1), whatever the order of the sum;
+    both paths score the same normalized float32 query against the same stored rows."""
+    u = 2.0**-24
+    return 2 * dim * u / (1 - dim * u)
+
+
 def test_answer_does_not_depend_on_the_batch() -> None:
-    targets = open_targets(None, 48, demo_size=5000, demo_seed=5)
+    """A query's answer is the same alone (the BLAS path) and among any 127 others (the
+    TensorFlow path), at any position: the same rows, and scores that differ by no more than
+    two float32 dot-product errors. That is what every CPU's kernels give; bit-identical
+    scores across batch compositions are a property of some kernels only, not promised."""
+    dim = 48
+    targets = open_targets(None, dim, demo_size=5000, demo_seed=5)
     engine = cpu_engine(targets, max_batch=128)
     rng = np.random.default_rng(12)
-    probe = rng.standard_normal((1, 48), dtype=np.float32)
+    probe = rng.standard_normal((1, dim), dtype=np.float32)
     alone_rows, alone_scores = engine.search(probe, 10)
     assert_exact(reference_scores(load_matrix(targets), probe), alone_rows, alone_scores, 10)
-    answers = []
     for at in (0, 40, 127):  # a batch of 128, the probe among different neighbours
-        others = rng.standard_normal((127, 48), dtype=np.float32)
+        others = rng.standard_normal((127, dim), dtype=np.float32)
         rows, scores = engine.search(np.insert(others, at, probe, axis=0), 10)
         np.testing.assert_array_equal(rows[at], alone_rows[0])
-        np.testing.assert_allclose(scores[at], alone_scores[0], rtol=0, atol=SCORE_TOL)
-        answers.append(scores[at])
-    # At one batch size the neighbours do not even change the rounding.
-    np.testing.assert_array_equal(answers[0], answers[1])
-    np.testing.assert_array_equal(answers[0], answers[2])
+        np.testing.assert_allclose(scores[at], alone_scores[0], rtol=0, atol=dot_product_bound(dim))
 
 
 def test_every_batch_size_and_more() -> None:
