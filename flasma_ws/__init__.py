@@ -4,7 +4,7 @@ Importing the package does not import TensorFlow: the engine loads only when ser
 benchmarking, so clients stay light.
 """
 
-from .client import Client, ConnectionLost, SyncClient, TopK, server_info
+from .client import AuthError, Client, ConnectionLost, SyncClient, TopK, server_info
 from .errors import (
     ConfigError,
     EngineError,
@@ -19,6 +19,7 @@ from .settings import Settings
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuthError",
     "Client",
     "ConfigError",
     "ConnectionLost",

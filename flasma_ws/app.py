@@ -23,6 +23,7 @@ from .batcher import INTERNAL_MESSAGE, Failure
 from .errors import ProtocolError
 from .protocol import Query
 from .service import Service, State
+from .text import counted
 
 log = logging.getLogger("flasma_ws")
 
@@ -35,6 +36,7 @@ HTTP_STATUS = {
     protocol.INTERNAL: 500,
     "too_large": 413,
     "not_found": 404,
+    "upgrade_required": 426,
     "method_not_allowed": 405,
     "unauthorized": 401,
     "forbidden_origin": 403,
@@ -200,7 +202,7 @@ class App:
         if refusal is None and limit is not None and len(self.service.connections) >= limit:
             refusal = (
                 "too_many_connections",
-                f"The server holds its limit of {limit} connections; retry later.",
+                f"The server holds its limit of {counted(limit, 'connection')}; retry later.",
             )
         if refusal is not None:
             await _reject(send, HTTP_STATUS[refusal[0]], *refusal)
@@ -244,7 +246,14 @@ class App:
     async def _http(self, scope: Scope, receive: Any, send: Any) -> None:
         path, method = scope["path"], scope["method"]
         routes = {"/cos": "POST", "/healthz": "GET", "/info": "GET", "/metrics": "GET"}
-        if path not in routes:
+        if path == "/ws":  # a plain HTTP request to the WebSocket route
+            await _error(
+                send,
+                "upgrade_required",
+                "/ws is a WebSocket endpoint: connect with a WebSocket client (ws://HOST:PORT/ws), "
+                "or send HTTP queries to POST /cos.",
+            )
+        elif path not in routes:
             await _error(
                 send, "not_found", f"No route {path}; see /info, /cos, /ws, /healthz, /metrics."
             )
@@ -326,8 +335,14 @@ async def _respond(send: Any, status: int, body: object, headers: list | None = 
     await send({"type": "http.response.body", "body": data})
 
 
+EXTRA_HEADERS = {
+    "unauthorized": [(b"www-authenticate", b"Bearer")],
+    "upgrade_required": [(b"upgrade", b"websocket"), (b"connection", b"Upgrade")],  # RFC 9110
+}
+
+
 async def _error(send: Any, code: str, message: str) -> None:
-    headers = JSON_HEADERS + [(b"www-authenticate", b"Bearer")] if code == "unauthorized" else None
+    headers = JSON_HEADERS + EXTRA_HEADERS[code] if code in EXTRA_HEADERS else None
     body = {"error": {"code": code, "message": message}}
     await _respond(send, HTTP_STATUS.get(code, 400), body, headers)
 

@@ -22,6 +22,7 @@ import numpy as np
 from . import protocol
 from .errors import EngineError
 from .metrics import Metrics
+from .text import counted
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,8 @@ class Batcher:
         count = vectors.shape[0]
         if self._queued_rows + count > self.queue_size:
             raise Overloaded(
-                f"The server is at capacity ({self._queued_rows} queries queued, limit "
+                f"The server is at capacity ({counted(self._queued_rows, 'query', 'queries')} "
+                f"queued, limit "
                 f"{self.queue_size}); retry shortly."
             )
         self._queue.append(Pending(vectors, k, deadline, answer, owner))

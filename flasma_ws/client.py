@@ -35,8 +35,10 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from .errors import FlasmaError, ServerError
 from .protocol import Codec, encode_binary_query
+from .text import counted
 
 __all__ = [
+    "AuthError",
     "Client",
     "ConnectionLost",
     "Prepared",
@@ -60,6 +62,13 @@ class ConnectionLost(FlasmaError, ConnectionError):
     """The server could not be reached, or the connection dropped with requests in flight.
 
     Also a builtin ConnectionError, so `except ConnectionError` catches it too.
+    """
+
+
+class AuthError(ConnectionLost):
+    """The server refused the token (401) or the browser Origin (403); retrying will not help.
+
+    A ConnectionLost too, so code written before it existed still catches it.
     """
 
 
@@ -217,7 +226,8 @@ class Client:
                 raise ConnectionLost(f"{self.url} is not a WebSocket URL: {exc}") from exc
             except InvalidStatus as exc:
                 if not _retryable(exc):  # a wrong token or URL does not fix itself
-                    raise ConnectionLost(f"Cannot connect to {self.url}: {_refusal(exc)}") from exc
+                    error = AuthError if _is_auth(exc.response.status_code) else ConnectionLost
+                    raise error(f"Cannot connect to {self.url}: {_refusal(exc)}.") from exc
                 problem = _refusal(exc)
             except (OSError, InvalidHandshake, asyncio.TimeoutError) as exc:
                 problem = _describe(exc)
@@ -225,7 +235,8 @@ class Client:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.backoff_max_s)
         raise ConnectionLost(
-            f"Cannot connect to {self.url} ({problem}) after {self.connect_attempts} attempts."
+            f"Cannot connect to {self.url} ({problem}) after "
+            f"{counted(self.connect_attempts, 'attempt')}."
         )
 
     async def close(self) -> None:
@@ -340,7 +351,8 @@ class Client:
             self._fail_pending(
                 ConnectionLost(
                     f"The connection to {self.url} was lost ({reason}) with "
-                    f"{len(self._pending)} requests unanswered; the next request reconnects."
+                    f"{counted(len(self._pending), 'request')} unanswered; "
+                    "the next request reconnects."
                 )
             )
 
@@ -389,14 +401,21 @@ def _retryable(exc: InvalidStatus) -> bool:
     return exc.response.status_code >= 500
 
 
+def _is_auth(status: int) -> bool:
+    return status in (401, 403)  # a wrong or missing token; an Origin not allowed
+
+
 def _refusal(exc: InvalidStatus) -> str:
+    return _reason(exc.response.status_code, exc.response.body)
+
+
+def _reason(status: int, body: bytes | bytearray | None) -> str:
     """The server's own reason when it sent one ({"error": {"message"}}), else the status."""
-    status = exc.response.status_code
     try:
-        message = orjson.loads(exc.response.body or b"")["error"]["message"]
+        message = orjson.loads(body or b"")["error"]["message"]
     except (orjson.JSONDecodeError, KeyError, TypeError):
         return f"HTTP {status}"
-    return f"HTTP {status}: {message}"
+    return f"HTTP {status}: {message.rstrip('.')}"
 
 
 def _describe(exc: BaseException) -> str:
@@ -426,14 +445,17 @@ def http_url(ws_url: str) -> str:
 def server_info(url: str, *, token: str | None = None, timeout_s: float = 5.0) -> dict[str, Any]:
     """GET /info of the server behind a ws:// URL: n, dim, top_k, max_k, demo, ... (blocking)."""
     headers = {"Authorization": f"Bearer {token}"} if token is not None else None
+    info_url = f"{http_url(url)}/info"
     try:
-        response = httpx.get(
-            f"{http_url(url)}/info", headers=headers, timeout=timeout_s, trust_env=False
-        )
-        response.raise_for_status()
+        response = httpx.get(info_url, headers=headers, timeout=timeout_s, trust_env=False)
     except httpx.HTTPError as exc:
-        raise ConnectionLost(f"Cannot read {http_url(url)}/info: {exc}") from exc
-    return response.json()
+        raise ConnectionLost(f"Cannot read {info_url}: {exc}") from exc
+    if response.is_success:
+        return response.json()
+    reason = _reason(response.status_code, response.content)
+    if _is_auth(response.status_code):
+        raise AuthError(f"{info_url} answered {reason}; pass the server's --token as token=.")
+    raise ConnectionLost(f"{info_url} answered {reason}.")
 
 
 class SyncClient:

@@ -7,6 +7,9 @@ FlasmaError
 │   └── EngineOutOfMemory
 ├── ProtocolError        a request that cannot be answered (carries a wire `code`)
 └── ServerError          raised by the client when the server answers with an error
+
+The client adds ConnectionLost (a FlasmaError and a builtin ConnectionError) and, under it,
+AuthError: the server refused the token or the Origin (flasma_ws/client.py).
 """
 
 from __future__ import annotations

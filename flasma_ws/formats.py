@@ -47,7 +47,7 @@ def open_any(path: str | Path, dim: int | None = None, key: str | None = None) -
             f"--key only applies to .npz and .hdf5 files, and {path} is {kind}; drop --key."
         )
     if kind == "npy":
-        return open_npy(path, dim)
+        return open_npy(path, dim, convert_hint=False)  # we are inside convert
     if kind == "npz":
         return open_npz(path, dim, key)
     if kind == "fvecs":

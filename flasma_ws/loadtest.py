@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .client import Client, ConnectionLost, Prepared, TopK, http_url, prepare
 from .errors import ConfigError, FlasmaError, ServerError
+from .text import counted
 
 Arrival = Literal["constant", "poisson"]
 SWEEP_PARAMS = ("connections", "inflight", "rate")
@@ -689,7 +690,7 @@ class Reference:
     @classmethod
     def for_server(cls, info: dict[str, Any], npy: Path | None) -> Reference:
         """The demo set /info describes, or `npy` (legacy files need /info's dim)."""
-        from .vectors import open_targets
+        from .vectors import open_npy, open_targets, prepare
 
         demo = info.get("demo")
         drop_zero = bool(info.get("drop_zero", False))
@@ -701,7 +702,9 @@ class Reference:
                 )
             targets = open_targets(None, demo["dim"], demo["size"], demo["seed"], drop_zero)
         else:
-            targets = open_targets(npy, int(info["dim"]), drop_zero=drop_zero)
+            # /info's dim reads a legacy file; an (N, dim) file keeps its own, compared below.
+            source = open_npy(npy, int(info["dim"]), dim_for_legacy_only=True)
+            targets = prepare(source, drop_zero)
         if (targets.n, targets.dim) != (info["n"], info["dim"]):
             raise ConfigError(
                 f"The reference has {targets.n} vectors of dim {targets.dim}, but the server "
@@ -768,7 +771,7 @@ def check_answer(ref: np.ndarray, ids: np.ndarray, scores: np.ndarray, k: int) -
     want = np.argsort(-ref, kind="stable")[:k]
     recall = len(set(ids.tolist()) & set(want.tolist())) / k
     if ids.shape != (k,):
-        return recall, f"{ids.shape[0]} results, expected {k}"
+        return recall, f"{counted(ids.shape[0], 'result')}, expected {k}"
     if len(set(ids.tolist())) != k:
         return recall, "a row came back twice"
     if ids.min() < 0 or ids.max() >= len(ref):
@@ -946,7 +949,8 @@ def _title(result: dict[str, Any]) -> str:
     unanswered = sum(p["unanswered"] for p in points)
     title = (
         f"{points[0]['url']}: {server.get('n')} x {server.get('dim')} on "
-        f"{server.get('device')}; {sent:,} queries sent; latency, engine time in ms"
+        f"{server.get('device')}; {counted(sent, 'query', 'queries')} sent; "
+        "latency, engine time in ms"
     )
     if unanswered:
         title += f", {unanswered:,} unanswered"
@@ -958,7 +962,7 @@ def _title(result: dict[str, Any]) -> str:
 def progress_text(progress: Progress) -> str:
     return (
         f"{progress.phase:<8} {progress.elapsed_s:6.1f} s  {progress.qps:9,.0f} q/s  "
-        f"{progress.in_flight:6d} in flight  {progress.errors:d} errors"
+        f"{progress.in_flight:6d} in flight  {counted(progress.errors, 'error')}"
     )
 
 

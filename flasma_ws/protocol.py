@@ -17,6 +17,7 @@ import numpy as np
 import orjson
 
 from .errors import ProtocolError
+from .text import counted
 
 RequestId = str | int | None
 
@@ -78,7 +79,7 @@ class Codec:
     # -- requests ----------------------------------------------------------------------
     def parse_text(self, data: str | bytes) -> Query:
         """A WebSocket text frame: {"id", "embedding" | "embeddings", "k"?, "timeout_ms"?}."""
-        obj = _load_json(data)
+        obj = _load_json(data, "frame")
         request_id = _read_id(obj)
         try:
             if "id" not in obj:
@@ -92,7 +93,7 @@ class Codec:
 
     def parse_cos(self, body: bytes) -> Query:
         """A POST /cos body: {"embedding": [...], "k"?: int} (Flasma's route)."""
-        obj = _load_json(body)
+        obj = _load_json(body, "body")
         if "embeddings" in obj:
             raise ProtocolError(
                 BAD_REQUEST, 'POST /cos takes one "embedding"; use /ws for several.'
@@ -103,7 +104,8 @@ class Codec:
         if len(data) < BINARY_HEADER.size:
             raise ProtocolError(
                 BAD_REQUEST,
-                f"A binary frame needs a {BINARY_HEADER.size}-byte header; got {len(data)} bytes.",
+                f"A binary frame needs a {BINARY_HEADER.size}-byte header; "
+                f"got {counted(len(data), 'byte')}.",
             )
         request_id, k, count, timeout_ms = BINARY_HEADER.unpack_from(data)
         try:
@@ -112,7 +114,8 @@ class Codec:
             if len(data) != expected:
                 raise ProtocolError(
                     BAD_DIMENSION,
-                    f"A binary frame with {count} queries of dimension {self.dim} must be "
+                    f"A binary frame with {counted(count, 'query', 'queries')} of dimension "
+                    f"{self.dim} must be "
                     f"{expected} bytes; got {len(data)}.",
                 )
             vectors = np.frombuffer(data, dtype="<f4", offset=BINARY_HEADER.size).reshape(
@@ -264,13 +267,14 @@ def encode_binary_query(
     return BINARY_HEADER.pack(request_id, k, vectors.shape[0], timeout_ms) + vectors.tobytes()
 
 
-def _load_json(data: str | bytes) -> dict:
+def _load_json(data: str | bytes, what: str) -> dict:
+    """`what` is "frame" (WebSocket) or "body" (POST /cos): the message names the right one."""
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         obj = _load_lenient_json(data)
         if obj is None:
-            raise ProtocolError(BAD_JSON, f"The frame is not valid JSON: {exc.args[0]}.") from exc
+            raise ProtocolError(BAD_JSON, f"The {what} is not valid JSON: {exc.args[0]}.") from exc
     if not isinstance(obj, dict):
         raise ProtocolError(BAD_REQUEST, "A request must be a JSON object.")
     return obj

@@ -7,6 +7,7 @@ the engine copies chunk by chunk straight onto its device.
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Literal
 import numpy as np
 
 from .errors import VectorFileError
+from .text import counted
 
 Layout = Literal["standard", "legacy", "demo"]
 Progress = Callable[[int], None]  # called with the number of rows just processed
@@ -25,6 +27,14 @@ DEMO_CHUNK_VALUES = 1 << 20  # demo rows come from one RNG stream per ~4 MiB, so
 # A row whose float64 norm is within this of 1 is already unit length in float32 and is
 # kept bit for bit, so legacy files (stored normalized) load exactly as written.
 UNIT_NORM_TOLERANCE = 4 * float(np.finfo(np.float32).eps)
+# A legacy file holds unit-norm rows, so a wrong --dim shows in the norms of a few sampled
+# rows: on the 10,000 x 100 fixture --dim 64 gives 0.61-0.97 and --dim 1000 gives 3.16, while
+# float16 files round true norms by ~1e-3. Dims above the cap are not guessed (nor served).
+LEGACY_NORM_TOLERANCE = 1e-2
+NPY_MAGIC = b"\x93NUMPY"
+ZIP_MAGIC = b"PK\x03\x04"  # an .npz archive, refused below with its own message
+LEGACY_SAMPLE_ROWS = 8
+MAX_GUESSED_DIM = 65_536
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,13 @@ class VectorSource:
     label: str  # the file path, or "demo"
     array: np.ndarray | None = None  # the memory map (None for demo)
     seed: int = 0
+
+    @property
+    def integer_dtype(self) -> str | None:
+        """The file's dtype when it holds integers (read as float32, with a note), else None."""
+        if self.array is None or not np.issubdtype(self.array.dtype, np.integer):
+            return None
+        return np.dtype(self.array.dtype).name
 
     def release_pages(self) -> None:
         """Once loaded, the file's pages need not count in our RSS; reads fault them back."""
@@ -126,10 +143,23 @@ def open_demo(n: int, dim: int, seed: int = 0) -> VectorSource:
     return VectorSource(n=n, dim=dim, layout="demo", label="demo", seed=seed)
 
 
-def open_npy(path: str | Path, dim: int | None = None) -> VectorSource:
-    """Open a standard (N, dim) or legacy (dim*N,) `.npy` memory-mapped, checking its shape."""
+def open_npy(
+    path: str | Path,
+    dim: int | None = None,
+    *,
+    convert_hint: bool = True,
+    dim_for_legacy_only: bool = False,
+) -> VectorSource:
+    """Open a standard (N, dim) or legacy (dim*N,) `.npy` memory-mapped, checking its shape.
+
+    `convert_hint`: a file that is not .npy is pointed to `flasma-ws convert` (not from inside
+    convert). `dim_for_legacy_only`: `dim` only reads a 1-D file (the caller has no --dim flag).
+    """
     path = Path(path)
-    return source_from_array(_load_npy(path), str(path), dim)
+    array = _load_npy(path, convert_hint)
+    if dim_for_legacy_only and array.ndim != 1:
+        dim = None
+    return source_from_array(array, str(path), dim)
 
 
 def source_from_array(array: np.ndarray, label: str, dim: int | None = None) -> VectorSource:
@@ -160,6 +190,7 @@ def source_from_array(array: np.ndarray, label: str, dim: int | None = None) -> 
                 "check --dim."
             )
         n, file_dim, layout = array.shape[0] // dim, dim, "legacy"
+        _check_legacy_dim(array, label, dim)
     else:
         raise VectorFileError(
             f"{label} is {array.ndim}-D with shape {array.shape}; expected (N, dim) or a "
@@ -173,17 +204,66 @@ def source_from_array(array: np.ndarray, label: str, dim: int | None = None) -> 
     return VectorSource(n=n, dim=file_dim, layout=layout, label=label, array=array)
 
 
-def _load_npy(path: Path) -> np.ndarray:
+def _check_legacy_dim(array: np.ndarray, label: str, dim: int) -> None:
+    """Refuse a --dim under which a legacy file's rows are not of unit norm, naming the dims
+    under which they are."""
+    norms = _legacy_sample_norms(array, dim)
+    if norms.size == 0 or np.all(np.abs(norms - 1.0) <= LEGACY_NORM_TOLERANCE):
+        return
+    lowest, highest = f"{norms.min():.2f}", f"{norms.max():.2f}"
+    seen = f"rows of norm {lowest}" + ("" if lowest == highest else f" to {highest}")
+    guesses = [d for d in _divisors(array.shape[0]) if d != dim and _has_unit_rows(array, d)]
+    if guesses:
+        hint = f"so --dim {dim} is wrong; pass --dim " + " or --dim ".join(map(str, guesses))
+    else:
+        hint = (
+            "and no --dim gives unit-norm rows, so it is not a Flasma legacy file; "
+            "save it as an (N, dim) array instead"
+        )
+    raise VectorFileError(
+        f"{label} read with --dim {dim} has {seen}, but a Flasma legacy file holds "
+        f"unit-norm rows, {hint}."
+    )
+
+
+def _legacy_sample_norms(array: np.ndarray, dim: int) -> np.ndarray:
+    """Float64 norms of a few rows spread over a legacy file read with `dim`. NaN and zero
+    rows are left out: the full scan refuses them later with its own message."""
+    n = array.shape[0] // dim
+    picked = np.unique(np.linspace(0, n - 1, min(n, LEGACY_SAMPLE_ROWS)).astype(np.int64))
+    block = np.asarray(array.reshape(dim, n)[:, picked], dtype=np.float64)
+    norms = np.sqrt(np.einsum("ij,ij->j", block, block))
+    return norms[np.isfinite(norms) & (norms > 0)]
+
+
+def _has_unit_rows(array: np.ndarray, dim: int) -> bool:
+    norms = _legacy_sample_norms(array, dim)
+    return norms.size > 0 and bool(np.all(np.abs(norms - 1.0) <= LEGACY_NORM_TOLERANCE))
+
+
+def _divisors(length: int) -> list[int]:
+    """Candidate dims of a legacy file: divisors of its length from 2 to MAX_GUESSED_DIM."""
+    small = [d for d in range(1, math.isqrt(length) + 1) if length % d == 0]
+    both = set(small) | {length // d for d in small}
+    return sorted(d for d in both if 2 <= d <= MAX_GUESSED_DIM)
+
+
+def _load_npy(path: Path, convert_hint: bool = True) -> np.ndarray:
     if not path.exists():
         raise VectorFileError(f"{path} does not exist; check the path given to --npy.")
     if path.is_dir():
         raise VectorFileError(f"{path} is a directory; give the path of a .npy file.")
+    hint = f"; convert it with `flasma-ws convert {path} OUT.npy`" if convert_hint else ""
+    with path.open("rb") as fh:
+        head = fh.read(len(NPY_MAGIC))
+    # Without this check numpy takes any other file for pickled data and blames allow_pickle.
+    if head != NPY_MAGIC and head[:4] != ZIP_MAGIC:
+        raise VectorFileError(f"{path} is not a readable .npy file (no .npy header){hint}.")
     try:
         loaded = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise VectorFileError(
-            f"{path} is not a readable .npy file ({exc}); "
-            "use `flasma-ws convert` to turn .npz, .fvecs or .hdf5 files into .npy."
+            f"{path} is not a readable .npy file ({exc}); check that the file is complete."
         ) from exc
     if not isinstance(loaded, np.ndarray):  # an .npz archive
         loaded.close()
@@ -308,7 +388,8 @@ def prepare(
         return Targets(source)
     if not drop_zero:
         raise VectorFileError(
-            f"{source.label} has {zeros.size} zero-norm rows (first at row {int(zeros[0])}); "
+            f"{source.label} has {counted(int(zeros.size), 'zero-norm row')} "
+            f"(first at row {int(zeros[0])}); "
             "a zero vector has no cosine similarity. Remove them, or pass --drop-zero to skip "
             "them (results keep the original row numbers)."
         )

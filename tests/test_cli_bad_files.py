@@ -76,6 +76,9 @@ def object_array() -> np.ndarray:
 
 
 ONES = np.ones((4, 5))
+UNIT_WITH_NAN = with_rows((6, 3), [3], np.nan) / np.sqrt(3)  # legacy files hold unit rows
+GAUSS = np.random.default_rng(0).standard_normal((12, 10))
+UNIT_ROWS = GAUSS / np.linalg.norm(GAUSS, axis=1, keepdims=True)
 
 # (id, input builder or None for a missing file, extra args, expected text in the error)
 CASES: list[tuple[str, Builder | None, list[str], str]] = [
@@ -87,7 +90,8 @@ CASES: list[tuple[str, Builder | None, list[str], str]] = [
     ("legacy-bad-dim", npy("x.npy", np.ones(20)), ["--dim", "7"], "not a multiple of --dim 7"),
     ("nan", npy("x.npy", with_rows((6, 3), [2], np.nan)), [], "NaN or infinite"),
     ("inf", npy("x.npy", with_rows((6, 3), [4], -np.inf)), [], "(first in row 4)"),
-    ("nan-legacy", npy("x.npy", with_rows((6, 3), [3], np.nan).T.ravel()), ["--dim", "3"], "row 3"),
+    ("nan-legacy", npy("x.npy", UNIT_WITH_NAN.T.ravel()), ["--dim", "3"], "row 3"),
+    ("legacy-wrong-dim", npy("x.npy", UNIT_ROWS.T.ravel()), ["--dim", "6"], "pass --dim 10"),
     ("3-d", npy("x.npy", np.ones((2, 3, 4))), [], "is 3-D with shape (2, 3, 4)"),
     ("dim-mismatch", npy("x.npy", ONES), ["--dim", "6"], "dimension 5, but --dim is 6"),
     ("n-zero", npy("x.npy", np.ones((0, 5))), [], "holds no vectors"),

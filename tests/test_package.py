@@ -11,6 +11,7 @@ import flasma_ws
 def test_exported_names():
     assert sorted(flasma_ws.__all__) == sorted(
         [
+            "AuthError",
             "Client",
             "ConfigError",
             "ConnectionLost",

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .. import formats
 from ..errors import FlasmaError
+from ..text import counted
 from ..vectors import Progress as RowProgress
 from ..vectors import Targets, VectorSource, prepare
 from . import app, err_console, fail
@@ -117,11 +118,14 @@ def _describe_input(source: VectorSource, targets: Targets) -> None:
     dtype = np.dtype(source.array.dtype).name if source.array is not None else "float32"
     typer.echo(
         f"Read {source.label}: N={source.n}, dim={source.dim}, dtype {dtype}, "
-        f"{source.layout} layout, {targets.zero_rows} zero-norm rows."
+        f"{source.layout} layout, {counted(targets.zero_rows, 'zero-norm row')}."
     )
+    if source.integer_dtype is not None:
+        typer.echo(f"Note: {source.integer_dtype} values are written as float32.")
     if targets.zero_rows:
         typer.echo(
-            f"Dropped {targets.zero_rows} zero-norm rows: OUT row numbers no longer match IN."
+            f"Dropped {counted(targets.zero_rows, 'zero-norm row')}: "
+            "OUT row numbers no longer match IN."
         )
 
 
