@@ -21,6 +21,7 @@ from .errors import FlasmaError, ProtocolError
 from .metrics import Metrics
 from .protocol import Codec, Query
 from .settings import Settings
+from .text import counted
 
 log = logging.getLogger("flasma_ws")
 
@@ -49,6 +50,7 @@ class Service:
         self.on_fatal: Callable[[FlasmaError], None] | None = None
         self.connections: set[Any] = set()
         self.address = f"{settings.host}:{settings.port}"  # the listener sets the bound one
+        self.top_k = settings.top_k  # the default k; at most N once loaded
 
     # -- start-up ----------------------------------------------------------------------
     async def load(self) -> None:
@@ -69,7 +71,8 @@ class Service:
             return
         s = self.settings
         self.engine = engine
-        self.codec = Codec(engine.dim, engine.n, s.top_k, engine.max_k, s.max_queries_per_frame)
+        self.top_k = self._default_k(engine)
+        self.codec = Codec(engine.dim, engine.n, self.top_k, engine.max_k, s.max_queries_per_frame)
         self.batcher = Batcher(engine, self.metrics, s.max_batch, s.queue_size, s.max_wait_ms)
         self.batcher.start()
         self.info = self._describe(engine)
@@ -86,6 +89,18 @@ class Service:
             time.perf_counter() - self.started,
         )
 
+    def _default_k(self, engine: Any) -> int:
+        """--top-k, or N when the file holds fewer rows: said once here, not on every request."""
+        if self.settings.top_k <= engine.n:
+            return self.settings.top_k
+        log.warning(
+            "--top-k %d is more than the %s served; requests that give no k get %d results.",
+            self.settings.top_k,
+            counted(engine.n, "vector"),
+            engine.n,
+        )
+        return int(engine.n)
+
     def _build_engine(self) -> Any:
         from .vectors import open_targets
 
@@ -93,7 +108,11 @@ class Service:
         began = time.perf_counter()
         # Importing TensorFlow takes seconds of mostly Python work, scanning the file mostly
         # numpy work that releases the GIL: do both at once.
-        importing = threading.Thread(target=importlib.import_module, args=("flasma_ws.engine",))
+        # A daemon: when the scan refuses the file, the error is reported at once rather than
+        # after the rest of the import (seconds).
+        importing = threading.Thread(
+            target=importlib.import_module, args=("flasma_ws.engine",), daemon=True
+        )
         importing.start()
         targets = open_targets(
             s.npy, s.dim, s.demo_size, s.demo_seed, s.drop_zero, progress=self._still_wanted
@@ -113,7 +132,13 @@ class Service:
                 s.demo_seed,
             )
         if targets.zero_rows:
-            log.info("Skipped %d zero-norm rows (--drop-zero).", targets.zero_rows)
+            log.info("Skipped %s (--drop-zero).", counted(targets.zero_rows, "zero-norm row"))
+        if targets.source.integer_dtype is not None:
+            log.warning(
+                "%s holds %s values; serving them as float32.",
+                targets.source.label,
+                targets.source.integer_dtype,
+            )
         config = EngineConfig(
             max_batch=s.max_batch,
             max_k=s.max_k,
@@ -154,7 +179,7 @@ class Service:
             "dtype": s.dtype,
             "device": engine.device,
             "max_batch": s.max_batch,
-            "top_k": s.top_k,
+            "top_k": self.top_k,
             "max_k": engine.max_k,
             "source": "demo" if s.npy is None else str(Path(s.npy)),
             "demo": None
@@ -168,9 +193,10 @@ class Service:
 
     def _fail(self, exc: FlasmaError) -> None:
         self.state = State.FAILED
-        log.error("%s", exc)
-        if self.on_fatal is not None:
-            self.on_fatal(exc)
+        if self.on_fatal is None:
+            log.error("%s", exc)
+        else:
+            self.on_fatal(exc)  # the listener stops and raises it: reported once, by the caller
 
     # -- requests ----------------------------------------------------------------------
     def submit(self, query: Query, answer: Answer, owner: Owner | None = None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -11,6 +12,10 @@ from .errors import ConfigError
 
 Dtype = Literal["float32", "float16", "bfloat16"]
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
+MAX_PORT = 65_535
+# What --device may say; whether that GPU exists is known only once TensorFlow has loaded.
+DEVICE_PATTERN = re.compile(r"auto|(?i:(/device:|/)?(cpu(:0)?|gpu(:\d+)?))")
 
 
 @dataclass(frozen=True)
@@ -81,8 +86,24 @@ class Settings:
             )
         if self.block_size is not None and self.block_size < 1:
             raise ConfigError(f"--block-size must be at least 1, got {self.block_size}.")
-        if self.max_wait_ms < 0 or self.drain_timeout_s < 0:
-            raise ConfigError("--max-wait-ms and --drain-timeout must not be negative.")
+        for flag, seconds in (
+            ("--max-wait-ms", self.max_wait_ms),
+            ("--drain-timeout", self.drain_timeout_s),
+        ):
+            if seconds < 0:
+                raise ConfigError(f"{flag} must not be negative, got {seconds:g}.")
+        if not 0 <= self.port <= MAX_PORT:
+            raise ConfigError(
+                f"--port must be from 0 to {MAX_PORT} (0 = any free port), got {self.port}."
+            )
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ConfigError(
+                f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}."
+            )
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ConfigError(
+                f"--device must be auto, cpu or gpu:N (gpu = gpu:0), got {self.device!r}."
+            )
         if self.max_connections is not None and self.max_connections < 1:
             raise ConfigError(f"--max-connections must be at least 1, got {self.max_connections}.")
         if (self.certfile is None) != (self.keyfile is None):

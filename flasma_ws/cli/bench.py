@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..errors import FlasmaError
-from . import app, fail
+from . import app, check_writable, fail
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -73,6 +73,7 @@ def bench(
             recall=recall,
             seed=seed,
         )
+        check_writable(json_out, "--json-out")  # before the run: writing it is the last step
         faiss = lib.load_faiss() if compare else None
         if compare and faiss is None:
             console.print(

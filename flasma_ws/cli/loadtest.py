@@ -14,7 +14,7 @@ from rich.live import Live
 from rich.text import Text
 
 from ..errors import FlasmaError
-from . import app, fail
+from . import app, check_writable, fail
 
 # Wide enough for the report when stdout is a file or a pipe (rich assumes 80 columns there).
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -80,7 +80,7 @@ def loadtest(
     json_out: Annotated[Path | None, typer.Option(help="Write the full report as JSON.")] = None,
     plot: Annotated[
         Path | None,
-        typer.Option(help="Draw throughput against p99 latency (PNG; needs flasma-ws[plot])."),
+        typer.Option(help="Draw throughput against p99 latency (PNG; needs flasma-ws\\[plot])."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random queries.")] = 0,
     token: Annotated[
@@ -120,8 +120,10 @@ def loadtest(
             time_limit_s=time_limit,
         )
         swept = lt.parse_sweep(sweep) if sweep else None
+        check_writable(json_out, "--json-out")  # before the run, not after it
+        check_writable(plot, "--plot")
         if plot is not None:
-            lt.require_matplotlib()  # before the run, not after it
+            lt.require_matplotlib()
         result = _run(lt, config, swept)
         console.print(lt.report_table(result))
         if json_out is not None:

@@ -11,7 +11,7 @@ import typer
 
 from ..errors import FlasmaError
 from ..settings import Settings
-from . import app, fail
+from . import app, fail, quiet_tensorflow
 
 STARTED = time.perf_counter()  # cold-start time is measured from CLI import
 
@@ -152,19 +152,24 @@ def serve(
 ) -> None:
     """Serve exact cosine top-k over WebSocket (/ws) and HTTP (POST /cos) on one port."""
     options = dict(locals())  # every flag, so none can be forgotten on the way to Settings
-    from ..server import serve as run_server  # TensorFlow and uvicorn load only when serving
+    try:
+        settings = build_settings(options)  # bad values refused before anything slow starts
+        quiet_tensorflow(debug=settings.log_level.lower() == "debug")
+        _configure_logging(settings.log_level)
+        if npy is not None:
+            from ..vectors import open_npy
 
+            open_npy(npy, dim)  # shape errors now, before we listen
+        from ..server import serve as run_server  # uvicorn loads only when serving
+
+        run_server(settings, STARTED)  # TensorFlow loads in the background once listening
+    except FlasmaError as exc:
+        fail(exc)
+
+
+def _configure_logging(log_level: str) -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if log_level.lower() != "debug":  # one line per connection is too chatty for long-lived clients
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
-    try:
-        settings = build_settings(options)
-        if npy is not None:
-            from ..vectors import open_npy
-
-            open_npy(npy, dim)  # shape errors now, before we listen
-        run_server(settings, STARTED)
-    except FlasmaError as exc:
-        fail(exc)
