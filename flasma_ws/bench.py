@@ -1,32 +1,43 @@
-"""In-process throughput of the engine on generated data, optionally beside its ceiling and FAISS.
+"""In-process throughput of the engine on generated data, beside the machine's ceiling, FAISS
+and ScaNN.
 
 For each dimension one demo matrix is built once; for each batch size the same queries go to
   - the engine (`Engine.search`, exact top-k),
-  - TensorFlow matmul-only (`Engine.matmul_only`: the engine's own conversion, call, normalize
-    and matmul over all N rows, then just a row max fetched to the host; the ceiling for any
-    exact top-k on the same device and dtype), and
+  - TensorFlow matmul-only (`Engine.matmul_only`: the engine's own conversion, call and
+    matmul over all N rows, then just a row max fetched to the host: TensorFlow's ceiling),
+  - BLAS: numpy's float32 GEMM, scores only, no top-k, over the same normalized matrix (the
+    engine's own host buffers on CPU: the same memory) into a preallocated output. This is
+    the machine's ceiling: TensorFlow's own can be slow in the same way as the engine (on
+    CPUs where its default kernels are slow, it hid a 3x gap),
   - FAISS `IndexFlatIP` (exact, float32, CPU, its default OpenMP threads) over the same
-    normalized rows with the same normalized queries.
+    normalized rows with the same normalized queries, and
+  - ScaNN's brute force (exact, float32, dot product), in a subprocess (`bench_scann`), its
+    fastest call per batch size (single, batched or batched-parallel).
 Each is called once untimed first, then timed for `seconds` in turns taken in rotation with the
-others; q/s = batch size / median seconds per call.
+others (ScaNN alone in its process, while this one waits); q/s = batch / median seconds per call.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import math
-import os
 import platform
-import time
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
-from .engine import Engine, EngineConfig
+from . import machine as host
+from .blas_search import BlasSearch
+from .engine import Engine, EngineConfig, unit_queries
 from .errors import ConfigError
 from .settings import DTYPES
+from .timing import ROUNDS, time_calls
 from .vectors import Targets, load_matrix, open_targets
 
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -89,7 +100,9 @@ class Result:
     dtype: str
     qps: float
     matmul_qps: float | None = None
+    blas_qps: float | None = None
     faiss_qps: float | None = None
+    scann_qps: float | None = None
     flasma_rtx3090_qps: float | None = None
     recall: float | None = None  # with --recall: recall@k of this dim's queries vs float64
     max_score_error: float | None = None
@@ -99,15 +112,26 @@ class Result:
         return self.qps / self.matmul_qps if self.matmul_qps else None
 
     @property
+    def over_blas(self) -> float | None:
+        return self.qps / self.blas_qps if self.blas_qps else None
+
+    @property
     def over_faiss(self) -> float | None:
         return self.qps / self.faiss_qps if self.faiss_qps else None
 
+    @property
+    def over_scann(self) -> float | None:
+        return self.qps / self.scann_qps if self.scann_qps else None
+
     def to_json(self) -> dict[str, Any]:
         out = {key: value for key, value in asdict(self).items() if value is not None}
-        if self.over_matmul is not None:
-            out["engine_over_matmul"] = self.over_matmul
-        if self.over_faiss is not None:
-            out["engine_over_faiss"] = self.over_faiss
+        ratios = {
+            "engine_over_matmul": self.over_matmul,
+            "engine_over_blas": self.over_blas,
+            "engine_over_faiss": self.over_faiss,
+            "engine_over_scann": self.over_scann,
+        }
+        out.update({name: value for name, value in ratios.items() if value is not None})
         return out
 
 
@@ -138,42 +162,12 @@ def parse_int_list(text: str, option: str) -> tuple[int, ...]:
         raise ConfigError(f"{option} takes integers separated by commas, got {text!r}.") from None
 
 
-ROUNDS = 5  # each method's seconds are split into this many turns, taken in rotation
-
-
-def time_calls(
-    calls: dict[str, Callable[[], object]], seconds: float, rounds: int = ROUNDS
-) -> dict[str, float]:
-    """Median seconds per call of each method, timed for `seconds` each (at least 3 calls).
-
-    Each is called once untimed, then the methods take turns of seconds/rounds, so a burst of
-    other work on a shared machine lands on all of them alike; the median rather than the mean
-    keeps such bursts from deciding the figure.
-    """
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for call in calls.values():
-        call()
-    for turn in range(rounds):
-        for name, call in calls.items():
-            deadline = time.perf_counter() + seconds / rounds
-            while time.perf_counter() < deadline or (turn == rounds - 1 and len(times[name]) < 3):
-                started = time.perf_counter()
-                call()
-                times[name].append(time.perf_counter() - started)
-    return {name: float(np.median(t)) for name, t in times.items()}
-
-
 def load_faiss() -> Any | None:
     try:
         import faiss  # type: ignore[import-not-found]
     except ImportError:
         return None
     return faiss
-
-
-def normalized(queries: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(queries.astype(np.float64), axis=1, keepdims=True)
-    return (queries / norms).astype(np.float32)
 
 
 def exact_top_k(targets: Targets, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -227,11 +221,16 @@ class _Subject:
         self.engine.warmup()
         rng = np.random.default_rng([config.seed, dim])
         self.queries = rng.standard_normal((max(config.batches), dim), dtype=np.float32)
+        self.unit_queries = unit_queries(self.queries)
         self.index = None
+        self.blas: BlasSearch | None = None
+        self.scann: dict[int, float] = {}
+        if config.compare:
+            self.blas = blas_ceiling(self.engine, max(config.batches))
+            self.scann = scann_qps(config, dim, self.unit_queries)
         if config.compare and faiss is not None:
             self.index = faiss.IndexFlatIP(dim)
             self.index.add(load_matrix(self.targets))
-            self.faiss_queries = normalized(self.queries)
         self.accuracy = accuracy(self.engine, self.queries, config.k) if config.recall else None
 
     def measure(self, batch: int) -> Result:
@@ -239,12 +238,14 @@ class _Subject:
         calls: dict[str, Callable[[], object]] = {
             "engine": lambda: self.engine.search(queries, config.k)
         }
+        unit = self.unit_queries[:batch]
         if config.compare:
             calls["matmul"] = lambda: self.engine.matmul_only(queries)
-        index = self.index
+        blas, index = self.blas, self.index
+        if blas is not None:
+            calls["blas"] = lambda: blas.scores(unit)
         if index is not None:
-            faiss_queries = self.faiss_queries[:batch]
-            calls["faiss"] = lambda: index.search(faiss_queries, config.k)
+            calls["faiss"] = lambda: index.search(unit, config.k)
         qps = {
             name: batch / per_call for name, per_call in time_calls(calls, config.seconds).items()
         }
@@ -257,7 +258,9 @@ class _Subject:
             dtype=config.dtype,
             qps=qps["engine"],
             matmul_qps=qps.get("matmul"),
+            blas_qps=qps.get("blas"),
             faiss_qps=qps.get("faiss"),
+            scann_qps=self.scann.get(batch),
             flasma_rtx3090_qps=(
                 FLASMA_RTX3090.get((batch, self.targets.dim)) if config.n == FLASMA_N else None
             ),
@@ -289,28 +292,66 @@ def run_bench(
         progress("done", done)
 
 
+def blas_ceiling(engine: Engine, max_batch: int) -> BlasSearch:
+    """numpy GEMM over the engine's own host buffers (CPU, float32: the same memory), else
+    over a float32 host copy of the same normalized rows."""
+    slabs = engine.host_slabs() or [(0, np.ascontiguousarray(load_matrix(engine.targets).T))]
+    return BlasSearch(slabs, engine.n, engine.block, engine.n_main, max_rows=max_batch)
+
+
+def scann_qps(config: BenchConfig, dim: int, queries: np.ndarray) -> dict[int, float]:
+    """ScaNN's q/s per batch size, from `bench_scann` in a subprocess; {} (with a note on
+    stderr) where ScaNN is not installed or fails."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/queries.npy"
+        np.save(path, queries)
+        request = {
+            "n": config.n,
+            "dim": dim,
+            "seed": config.seed,
+            "k": config.k,
+            "seconds": config.seconds,
+            "batches": list(config.batches),
+            "queries": path,
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "flasma_ws.bench_scann"],
+            input=json.dumps(request),
+            capture_output=True,
+            text=True,
+        )
+    try:
+        answer = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        answer = {"error": f"ScaNN's benchmark failed: {done.stderr.strip()[-500:]}"}
+    if "error" in answer:
+        print(answer["error"], file=sys.stderr)
+        return {}
+    return {int(batch): qps for batch, qps in answer["qps"].items()}
+
+
 def machine() -> dict[str, Any]:
     import tensorflow as tf
 
+    from .tf_runtime import onednn_state
+
     return {
         "platform": platform.platform(),
-        "processor": _cpu_model(),
-        "cpus": os.cpu_count(),
+        "processor": host.cpu_model(),
+        "cpu": host.describe_cpu(),
+        "blas": host.blas(),
+        "onednn": onednn_state().describe(),
         "tensorflow": tf.__version__,
         "numpy": np.__version__,
         "faiss": getattr(load_faiss(), "__version__", None),
     }
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+def machine_line() -> str:
+    """The bench's header: the CPU, its flags, numpy's BLAS and TensorFlow's oneDNN state."""
+    from .tf_runtime import onednn_state
+
+    return host.summary_line(onednn_state().enabled)
 
 
 def report(config: BenchConfig, results: list[Result]) -> dict[str, Any]:
@@ -328,8 +369,12 @@ def report(config: BenchConfig, results: list[Result]) -> dict[str, Any]:
         ),
         "machine": machine(),
         "matmul_qps_includes": (
-            "query conversion, the TensorFlow call, normalization, the "
+            "query normalization and conversion, the TensorFlow call, the "
             "matmul over all N rows, a row max, and fetching B floats to the host"
+        ),
+        "blas_qps_includes": (
+            "numpy's float32 GEMM of the normalized queries against the same normalized "
+            "matrix into a preallocated (B, N) output; no top-k"
         ),
         "results": [r.to_json() for r in results],
     }

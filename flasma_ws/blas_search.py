@@ -34,17 +34,23 @@ class BlasSearch:
     """Exact top-k for small batches over (dim, width) float32 host buffers of the columns."""
 
     def __init__(
-        self, slabs: list[tuple[int, np.ndarray]], n: int, block: int, n_main: int
+        self,
+        slabs: list[tuple[int, np.ndarray]],
+        n: int,
+        block: int,
+        n_main: int,
+        max_rows: int = MAX_ROWS,
     ) -> None:
         """`slabs`: (first column, (dim, width) buffer) covering columns 0..n in order, the
         blocked columns 0..n_main first (widths multiples of `block`), then the tail."""
         self.slabs = [(first, buffer) for first, buffer in slabs if buffer.shape[1]]
         self.n, self.block, self.n_main = n, block, n_main
         self.n_blocks = n_main // block
-        self._scores = np.empty((MAX_ROWS, n), np.float32)  # reused: no page faults per call
+        self._scores = np.empty((max_rows, n), np.float32)  # reused: no page faults per call
 
     def scores(self, queries: np.ndarray) -> np.ndarray:
-        """(B, N) float32 scores of normalized float32 queries, B <= MAX_ROWS."""
+        """(B, N) float32 scores of normalized float32 queries, B <= max_rows. The bench's
+        BLAS ceiling is this call alone."""
         out = self._scores[: queries.shape[0]]
         for first, buffer in self.slabs:
             np.matmul(queries, buffer, out=out[:, first : first + buffer.shape[1]])

@@ -415,6 +415,11 @@ class Engine:
         best = self._concrete(self._matmul_trace)(tf.constant(unit_queries(queries)))
         return best.numpy()
 
+    def host_slabs(self) -> list[tuple[int, np.ndarray]]:
+        """(first column, (dim, width) float32 buffer) of the matrix where it lives in host
+        memory (CPU, float32), else []: what BLAS can read without a copy."""
+        return list(self._blas.slabs) if self._blas is not None else []
+
     def describe(self) -> dict[str, object]:
         return {
             "n": self.n,

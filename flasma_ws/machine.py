@@ -45,9 +45,12 @@ def cpu_flags() -> list[str]:
 
 
 def blas() -> list[dict[str, Any]]:
-    """numpy's BLAS libraries, their kernel architecture and threads (threadpoolctl)."""
+    """numpy's BLAS, its kernel architecture and threads (threadpoolctl). Other packages may
+    load BLAS libraries of their own (FAISS does); only numpy's serves `np.matmul`."""
+    import numpy as np
     from threadpoolctl import threadpool_info
 
+    numpy_dir = os.path.dirname(os.path.dirname(np.__file__))
     return [
         {
             "library": pool.get("internal_api"),
@@ -56,8 +59,13 @@ def blas() -> list[dict[str, Any]]:
             "threads": pool.get("num_threads"),
         }
         for pool in threadpool_info()
-        if pool.get("user_api") == "blas"
+        if pool.get("user_api") == "blas" and _is_numpys(pool.get("filepath", ""), numpy_dir)
     ]
+
+
+def _is_numpys(library: str, site_dir: str) -> bool:
+    """numpy's wheels keep their BLAS in numpy.libs (or numpy/.dylibs) beside the package."""
+    return os.path.relpath(library, site_dir).split(os.sep)[0] in ("numpy.libs", "numpy")
 
 
 def describe_cpu() -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -45,10 +46,18 @@ def test_bench_compare_writes_json(tmp_path: Path) -> None:
     ]
     for cell in cells:
         assert cell["qps"] > 0 and cell["matmul_qps"] > 0 and cell["faiss_qps"] > 0
+        assert cell["blas_qps"] > 0 and cell["scann_qps"] > 0
         assert cell["engine_over_matmul"] == pytest.approx(cell["qps"] / cell["matmul_qps"])
         assert cell["engine_over_faiss"] == pytest.approx(cell["qps"] / cell["faiss_qps"])
+        assert cell["engine_over_blas"] == pytest.approx(cell["qps"] / cell["blas_qps"])
+        assert cell["engine_over_scann"] == pytest.approx(cell["qps"] / cell["scann_qps"])
         assert cell["dtype"] == "float32" and cell["device"] == report["device"]
         assert cell["recall"] == 1.0 and cell["max_score_error"] < 1e-5
+    assert "BLAS GEMM-only" in result.output and "ScaNN brute force" in result.output
+    machine = report["machine"]
+    assert machine["blas"] and machine["blas"][0]["threads"] >= 1  # numpy's BLAS, named
+    assert machine["onednn"]["enabled"] in (True, False) and machine["cpu"]["model"]
+    assert result.output.lstrip().startswith("CPU: ") and "TensorFlow oneDNN: " in result.output
 
 
 def test_bench_markdown_without_compare() -> None:
@@ -101,3 +110,19 @@ def test_compare_without_faiss_says_how_to_install(monkeypatch: pytest.MonkeyPat
     assert result.exit_code == 0, result.output
     assert "flasma-ws[bench]" in result.output and "matmul-only" in result.output
     assert "FAISS IndexFlatIP q/s" not in result.output
+
+
+def test_blas_ceiling_scores_the_same_memory() -> None:
+    """The BLAS column reads the engine's own host buffers and gives the float64 scores."""
+    from flasma_ws.bench import blas_ceiling
+    from flasma_ws.engine import Engine, EngineConfig, unit_queries
+    from flasma_ws.vectors import load_matrix, open_targets
+
+    targets = open_targets(None, 12, demo_size=700, demo_seed=2)
+    engine = Engine(targets, EngineConfig(device="cpu", max_batch=8, block_size=64))
+    ceiling = blas_ceiling(engine, 8)
+    shared = {id(buffer) for _, buffer in engine.host_slabs()}
+    assert {id(buffer) for _, buffer in ceiling.slabs} == shared  # no copy of the matrix
+    queries = unit_queries(np.random.default_rng(1).standard_normal((5, 12), dtype=np.float32))
+    want = queries.astype(np.float64) @ load_matrix(targets).astype(np.float64).T
+    np.testing.assert_allclose(ceiling.scores(queries), want, rtol=0, atol=1e-6)

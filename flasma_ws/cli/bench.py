@@ -40,8 +40,9 @@ def bench(
     compare: Annotated[
         bool,
         typer.Option(
-            help="Also time TensorFlow matmul-only (the ceiling) and FAISS IndexFlatIP "
-            "(needs flasma-ws\\[bench]) on the same data."
+            help="Also time the ceilings (TensorFlow matmul-only; numpy BLAS GEMM, the "
+            "machine's) and FAISS IndexFlatIP and ScaNN brute force (both need "
+            "flasma-ws\\[bench]) on the same data."
         ),
     ] = False,
     json_out: Annotated[
@@ -116,17 +117,12 @@ def _print(config: BenchConfig, results: list[Result], markdown: bool) -> None:
         return
     first = results[0]
     head = f"N={config.n:,}, k={config.k}, {first.dtype} on {first.device}"
+    typer.echo(lib.machine_line())
     tables: list[tuple[str, Callable[[Result], str]]] = [
         (f"Engine q/s ({head}; Flasma's RTX 3090 figures in parentheses)", lib.engine_cell)
     ]
     if config.compare:
-        tables.append(
-            ("TensorFlow matmul-only q/s (ceiling)", lambda r: lib.format_qps(r.matmul_qps))
-        )
-        tables.append(("engine / matmul-only", lambda r: lib.format_ratio(r.over_matmul)))
-        if any(r.faiss_qps is not None for r in results):
-            tables.append(("FAISS IndexFlatIP q/s", lambda r: lib.format_qps(r.faiss_qps)))
-            tables.append(("engine / FAISS", lambda r: lib.format_ratio(r.over_faiss)))
+        tables += _compare_tables(results)
     if config.recall:
         _print_accuracy(config, results, markdown)
     for title, cell in tables:
@@ -135,6 +131,40 @@ def _print(config: BenchConfig, results: list[Result], markdown: bool) -> None:
         else:
             console.print(f"\n[bold]{title}[/bold]")
             console.print(_rich_table(*lib.grid(results, cell)))
+
+
+COMPARED = [  # (title, short name, Result's q/s field, Result's ratio property)
+    (
+        "TensorFlow matmul-only q/s (TensorFlow's ceiling)",
+        "matmul-only",
+        "matmul_qps",
+        "over_matmul",
+    ),
+    (
+        "BLAS GEMM-only q/s (numpy, scores only: the machine's ceiling)",
+        "BLAS",
+        "blas_qps",
+        "over_blas",
+    ),
+    ("FAISS IndexFlatIP q/s", "FAISS", "faiss_qps", "over_faiss"),
+    ("ScaNN brute force q/s (its fastest call)", "ScaNN", "scann_qps", "over_scann"),
+]
+
+
+def _compare_tables(results: list[Result]) -> list[tuple[str, Callable[[Result], str]]]:
+    """The ceilings and the other libraries that ran, each with the engine's ratio to it."""
+    from .. import bench as lib
+
+    tables: list[tuple[str, Callable[[Result], str]]] = []
+    for title, name, qps, ratio in COMPARED:
+        if any(getattr(r, qps) is not None for r in results):
+            tables.append((title, _cell(lib.format_qps, qps)))
+            tables.append((f"engine / {name}", _cell(lib.format_ratio, ratio)))
+    return tables
+
+
+def _cell(format_value: Callable[[float | None], str], field: str) -> Callable[[Result], str]:
+    return lambda result: format_value(getattr(result, field))
 
 
 def _rich_table(batches: list[int], dims: list[int], cells: dict[tuple[int, int], str]) -> Table:
