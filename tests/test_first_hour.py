@@ -358,7 +358,8 @@ def test_an_idle_server_exits_within_a_second_of_sigterm(tmp_path):
     began = time.monotonic()
     process.send_signal(signal.SIGTERM)
     assert process.wait(30) == 0
-    assert time.monotonic() - began < 1.0
+    # The issue asks for under 1 s; 0.2-0.3 s here, against 1.1-2.5 s before the fix.
+    assert time.monotonic() - began < 0.7
 
 
 # -- 17. the README says where the demo listens ---------------------------------------------
