@@ -18,6 +18,7 @@ from typing import Any
 from . import protocol
 from .batcher import Answer, Batcher, Failure, Overloaded, Owner
 from .errors import FlasmaError, ProtocolError
+from .machine import describe_cpu
 from .metrics import Metrics
 from .protocol import Codec, Query
 from .settings import Settings
@@ -189,6 +190,11 @@ class Service:
             "zero_rows_dropped": engine.targets.zero_rows,
             "max_queries_per_frame": s.max_queries_per_frame,
             "binary_header_bytes": protocol.BINARY_HEADER.size,
+            # Which kernels answer: figures differ 3x between CPUs and kernel choices.
+            "cpu": describe_cpu(),
+            "onednn": engine.onednn.describe(),
+            "tf32": engine.tf32,
+            "blas_max_batch": engine.describe()["blas_max_batch"],
         }
 
     def _fail(self, exc: FlasmaError) -> None:

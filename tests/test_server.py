@@ -196,6 +196,12 @@ def test_health_info_metrics_and_unknown_routes(server):
     info = httpx.get(f"{server.http_url}/info").json()
     assert (info["n"], info["dim"], info["source"]) == (N, DIM, "demo")
     assert info["demo"] == {"size": N, "seed": 0, "dim": DIM}
+    from flasma_ws.machine import cpu_model
+    from flasma_ws.tf_runtime import onednn_state
+
+    assert info["cpu"]["model"] == cpu_model() and info["cpu"]["cores"] >= 1
+    assert info["onednn"] == onednn_state().describe()  # what TensorFlow reports, and who chose
+    assert info["tf32"] is False and info["blas_max_batch"] == 1
     assert "flasma_queue_depth" in httpx.get(f"{server.http_url}/metrics").text
     assert httpx.get(f"{server.http_url}/nope").status_code == 404
     assert httpx.get(f"{server.http_url}/cos").status_code == 405
