@@ -9,6 +9,7 @@ u32[count * k] rows | float32[count * k] scores. Errors are always JSON text fra
 
 from __future__ import annotations
 
+import enum
 import json
 import struct
 from dataclasses import dataclass
@@ -21,26 +22,73 @@ from .text import counted
 
 RequestId = str | int | None
 
-BAD_JSON = "bad_json"
-BAD_REQUEST = "bad_request"
-BAD_DIMENSION = "bad_dimension"
-BAD_VALUE = "bad_value"
-BAD_K = "bad_k"
-OVERLOADED = "overloaded"
-TIMEOUT = "timeout"
-INTERNAL = "internal"
-UNAVAILABLE = "unavailable"
-ERROR_CODES = (
-    BAD_JSON,
-    BAD_REQUEST,
-    BAD_DIMENSION,
-    BAD_VALUE,
-    BAD_K,
-    OVERLOADED,
-    TIMEOUT,
-    INTERNAL,
-    UNAVAILABLE,
-)
+
+class Code(str, enum.Enum):
+    """Every error code the server answers: wire code, HTTP status, meaning (docs/protocol.md).
+
+    `ws` codes may come back on /ws as well as HTTP; the others only refuse an HTTP request or
+    a WebSocket handshake. A str, so a code compares equal to its wire text.
+    """
+
+    status: int
+    meaning: str
+    ws: bool
+
+    BAD_JSON = ("bad_json", 400, "the frame or body is not JSON")
+    BAD_REQUEST = ("bad_request", 400, "a request that is not of the documented shape")
+    BAD_DIMENSION = ("bad_dimension", 400, "a vector's length is not the server's dimension")
+    BAD_VALUE = ("bad_value", 400, "NaN, Infinity, beyond float32, a zero vector, true/false")
+    BAD_K = ("bad_k", 400, "k not an integer in 1..min(max_k, N)")
+    OVERLOADED = ("overloaded", 503, "the global queue is full; retry later")
+    TIMEOUT = ("timeout", 504, "the deadline passed before the query's batch started")
+    INTERNAL = ("internal", 500, "the server failed on this request; it keeps serving")
+    UNAVAILABLE = ("unavailable", 503, "the server is loading or shutting down")
+    TOO_LARGE = ("too_large", 413, "a POST /cos body over --max-body-bytes", False)
+    NOT_FOUND = ("not_found", 404, "no such route", False)
+    METHOD_NOT_ALLOWED = ("method_not_allowed", 405, "the route takes another method", False)
+    UPGRADE_REQUIRED = ("upgrade_required", 426, "plain HTTP to /ws, a WebSocket route", False)
+    UNAUTHORIZED = ("unauthorized", 401, "no or a wrong 'Authorization: Bearer' token", False)
+    FORBIDDEN_ORIGIN = ("forbidden_origin", 403, "a browser Origin not allowed", False)
+    TOO_MANY_CONNECTIONS = ("too_many_connections", 503, "--max-connections reached", False)
+
+    def __new__(cls, code: str, status: int, meaning: str, ws: bool = True) -> Code:
+        member = str.__new__(cls, code)
+        member._value_ = code
+        member.status, member.meaning, member.ws = status, meaning, ws
+        return member
+
+    def __str__(self) -> str:  # the wire text in f-strings and metric labels
+        return str(self.value)
+
+
+BAD_JSON = Code.BAD_JSON
+BAD_REQUEST = Code.BAD_REQUEST
+BAD_DIMENSION = Code.BAD_DIMENSION
+BAD_VALUE = Code.BAD_VALUE
+BAD_K = Code.BAD_K
+OVERLOADED = Code.OVERLOADED
+TIMEOUT = Code.TIMEOUT
+INTERNAL = Code.INTERNAL
+UNAVAILABLE = Code.UNAVAILABLE
+ERROR_CODES = tuple(code.value for code in Code if code.ws)  # what /ws may answer
+
+
+_STATUS = {code.value: code.status for code in Code}
+
+
+def http_status(code: str) -> int:
+    """The HTTP status of a wire code (400 for any code not in the table)."""
+    return _STATUS.get(str(code), 400)
+
+
+NO_ID = object()  # HTTP error bodies carry no "id"
+
+
+def encode_error(request_id: RequestId | object, code: str, message: str) -> bytes:
+    """The one error document: {"id", "error": {"code", "message"}}; no "id" given NO_ID."""
+    error = {"error": {"code": str(code), "message": message}}
+    return orjson.dumps(error if request_id is NO_ID else {"id": request_id, **error})
+
 
 BINARY_HEADER = struct.Struct("<QHHI")
 MAX_TIMEOUT_MS = 3_600_000
@@ -243,9 +291,7 @@ class Codec:
     def encode_cos(rows: np.ndarray, scores: np.ndarray) -> bytes:
         return orjson.dumps({"result": list(zip(rows[0].tolist(), scores[0].tolist()))})
 
-    @staticmethod
-    def encode_error(request_id: RequestId, code: str, message: str) -> bytes:
-        return orjson.dumps({"id": request_id, "error": {"code": code, "message": message}})
+    encode_error = staticmethod(encode_error)
 
     @staticmethod
     def decode_binary_result(data: bytes) -> tuple[int, np.ndarray, np.ndarray]:
