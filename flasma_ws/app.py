@@ -12,6 +12,8 @@ import hmac
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,7 +23,7 @@ from . import metrics as metrics_module
 from . import protocol
 from .batcher import INTERNAL_MESSAGE, Failure
 from .errors import ProtocolError
-from .protocol import Query
+from .protocol import Code, Query
 from .service import Service, State
 from .text import counted
 
@@ -29,20 +31,6 @@ log = logging.getLogger("flasma_ws")
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
-HTTP_STATUS = {
-    protocol.OVERLOADED: 503,
-    protocol.UNAVAILABLE: 503,
-    protocol.TIMEOUT: 504,
-    protocol.INTERNAL: 500,
-    "too_large": 413,
-    "not_found": 404,
-    "upgrade_required": 426,
-    "method_not_allowed": 405,
-    "unauthorized": 401,
-    "forbidden_origin": 403,
-    "too_many_connections": 503,
-}
-GUARDED_ROUTES = frozenset({"/ws", "/cos", "/info"})  # /healthz and /metrics stay open to probes
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
@@ -161,10 +149,11 @@ class Connection:
 
 
 class App:
-    """The ASGI application: one instance per server."""
+    """The ASGI application: one instance per server. It owns its WebSocket connections."""
 
     def __init__(self, service: Service) -> None:
         self.service = service
+        self.connections: set[Connection] = set()
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         kind = scope["type"]
@@ -174,6 +163,12 @@ class App:
             await self._websocket(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
+
+    async def close_connections(self, code: int) -> None:
+        """Send every connection's pending answers, then close it with `code` (1001: draining)."""
+        await asyncio.gather(
+            *(c.close_after_flush(code) for c in list(self.connections)), return_exceptions=True
+        )
 
     # -- lifespan ----------------------------------------------------------------------
     async def _lifespan(self, receive: Any, send: Any) -> None:
@@ -194,87 +189,86 @@ class App:
     # -- WebSocket ---------------------------------------------------------------------
     async def _websocket(self, scope: Scope, receive: Any, send: Any) -> None:
         await receive()  # websocket.connect
-        if scope["path"] != "/ws":
-            await _reject(send, 404, "not_found", "WebSocket connections go to /ws.")
+        route = ROUTE_OF.get(scope["path"])
+        if route is None or route.method != WEBSOCKET:
+            await _reject(send, Code.NOT_FOUND, f"WebSocket connections go to {WS_PATH}.")
             return
-        refusal = self._refusal(scope)
-        limit = self.service.settings.max_connections
-        if refusal is None and limit is not None and len(self.service.connections) >= limit:
-            refusal = (
-                "too_many_connections",
-                f"The server holds its limit of {counted(limit, 'connection')}; retry later.",
-            )
+        refusal = self._refusal(route, scope) or self._handshake_refusal()
         if refusal is not None:
-            await _reject(send, HTTP_STATUS[refusal[0]], *refusal)
-            return
-        if self.service.state is not State.READY:
-            await _reject(
-                send,
-                503,
-                protocol.UNAVAILABLE,
-                f"The server is {self.service.state.value}; retry shortly.",
-            )
+            await _reject(send, *refusal)
             return
         await send({"type": "websocket.accept"})
         connection = Connection(self.service, send)
-        self.service.connections.add(connection)
+        self.connections.add(connection)
         self.service.metrics.connections.inc()
         try:
             await connection.run(receive)
         finally:
-            self.service.connections.discard(connection)
+            self.connections.discard(connection)
             self.service.metrics.connections.dec()
 
-    def _refusal(self, scope: Scope) -> tuple[str, str] | None:
+    def _handshake_refusal(self) -> tuple[Code, str] | None:
+        """(code, message) when the connection limit is reached or the server is not ready."""
+        limit = self.service.settings.max_connections
+        if limit is not None and len(self.connections) >= limit:
+            return (
+                Code.TOO_MANY_CONNECTIONS,
+                f"The server holds its limit of {counted(limit, 'connection')}; retry later.",
+            )
+        if self.service.state is not State.READY:
+            return Code.UNAVAILABLE, f"The server is {self.service.state.value}; retry shortly."
+        return None
+
+    def _refusal(self, route: Route, scope: Scope) -> tuple[Code, str] | None:
         """(code, message) when the token or the browser Origin is not accepted, else None."""
         settings = self.service.settings
-        if scope["path"] not in GUARDED_ROUTES:
+        if not route.guarded:
             return None
         headers = dict(scope["headers"])
         if settings.token is not None:
             expected = f"Bearer {settings.token}".encode()
             # compare_digest: the time taken does not reveal how much of the token matched.
             if not hmac.compare_digest(headers.get(b"authorization", b""), expected):
-                return "unauthorized", "Send the header 'Authorization: Bearer <token>'."
+                return Code.UNAUTHORIZED, "Send the header 'Authorization: Bearer <token>'."
         origin = headers.get(b"origin")
         allowed = settings.allowed_origins
         if origin is not None and allowed is not None and origin.decode("latin-1") not in allowed:
-            return "forbidden_origin", "This Origin is not allowed (see --allowed-origins)."
+            return Code.FORBIDDEN_ORIGIN, "This Origin is not allowed (see --allowed-origins)."
         return None
 
     # -- HTTP --------------------------------------------------------------------------
     async def _http(self, scope: Scope, receive: Any, send: Any) -> None:
         path, method = scope["path"], scope["method"]
-        routes = {"/cos": "POST", "/healthz": "GET", "/info": "GET", "/metrics": "GET"}
-        if path == "/ws":  # a plain HTTP request to the WebSocket route
+        route = ROUTE_OF.get(path)
+        if route is None:
+            await _error(send, Code.NOT_FOUND, f"No route {path}; see {ROUTE_LIST}.")
+        elif route.method == WEBSOCKET:  # a plain HTTP request to the WebSocket route
             await _error(
                 send,
-                "upgrade_required",
-                "/ws is a WebSocket endpoint: connect with a WebSocket client (ws://HOST:PORT/ws), "
-                "or send HTTP queries to POST /cos.",
+                Code.UPGRADE_REQUIRED,
+                f"{path} is a WebSocket endpoint: connect with a WebSocket client "
+                f"(ws://HOST:PORT{path}), or send HTTP queries to POST /cos.",
             )
-        elif path not in routes:
-            await _error(
-                send, "not_found", f"No route {path}; see /info, /cos, /ws, /healthz, /metrics."
-            )
-        elif method != routes[path] and not (method == "HEAD" and routes[path] == "GET"):
-            await _error(send, "method_not_allowed", f"{path} takes {routes[path]}, not {method}.")
-        elif (refusal := self._refusal(scope)) is not None:
+        elif method not in route.allowed:
+            allow = [(b"allow", ", ".join(route.allowed).encode())]
+            message = f"{path} takes {route.method}, not {method}."
+            await _error(send, Code.METHOD_NOT_ALLOWED, message, allow)
+        elif (refusal := self._refusal(route, scope)) is not None:
             await _error(send, *refusal)
-        elif path == "/cos":
-            await self._cos(receive, send)
-        elif path == "/healthz":
-            state = self.service.state
-            await _respond(send, 200 if state is State.READY else 503, {"status": state.value})
-        elif path == "/info":
-            await _respond(send, 200, {**self.service.info, "state": self.service.state.value})
         else:
-            await _respond(
-                send,
-                200,
-                self.service.metrics.render(),
-                [(b"content-type", metrics_module.CONTENT_TYPE.encode())],
-            )
+            assert route.handler is not None  # every HTTP route has one
+            await route.handler(self, receive, send)
+
+    async def _healthz(self, _receive: Any, send: Any) -> None:
+        state = self.service.state
+        await _respond(send, 200 if state is State.READY else 503, {"status": state.value})
+
+    async def _info(self, _receive: Any, send: Any) -> None:
+        await _respond(send, 200, {**self.service.info, "state": self.service.state.value})
+
+    async def _metrics(self, _receive: Any, send: Any) -> None:
+        content_type = [(b"content-type", metrics_module.CONTENT_TYPE.encode())]
+        await _respond(send, 200, self.service.metrics.render(), content_type)
 
     async def _cos(self, receive: Any, send: Any) -> None:
         received = time.perf_counter()
@@ -303,6 +297,36 @@ class App:
         metrics.latency_seconds.labels("cos").observe(time.perf_counter() - received)
 
 
+Handler = Callable[[App, Any, Any], Awaitable[None]]
+WEBSOCKET = "WEBSOCKET"  # the method of the WebSocket route: HTTP requests to it get 426
+
+
+@dataclass(frozen=True)
+class Route:
+    """One route: dispatch, auth, 404 and 405 (with its Allow header) are derived from these."""
+
+    path: str
+    method: str  # GET routes answer HEAD too
+    guarded: bool  # needs the token and an allowed Origin (when set); probes stay open
+    handler: Handler | None = None  # HTTP routes; /ws is served by Connection
+
+    @property
+    def allowed(self) -> tuple[str, ...]:
+        return (self.method, "HEAD") if self.method == "GET" else (self.method,)
+
+
+WS_PATH = "/ws"
+ROUTES = (
+    Route("/info", "GET", guarded=True, handler=App._info),
+    Route("/cos", "POST", guarded=True, handler=App._cos),
+    Route(WS_PATH, WEBSOCKET, guarded=True),
+    Route("/healthz", "GET", guarded=False, handler=App._healthz),
+    Route("/metrics", "GET", guarded=False, handler=App._metrics),
+)
+ROUTE_OF = {route.path: route for route in ROUTES}
+ROUTE_LIST = ", ".join(route.path for route in ROUTES)
+
+
 def _settle(future: asyncio.Future[Any], result: object) -> None:
     if not future.done():
         future.set_result(result)
@@ -317,7 +341,7 @@ async def _read_body(receive: Any, limit: int) -> bytes:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise ProtocolError("too_large", f"The body exceeds the limit of {limit} bytes.")
+            raise ProtocolError(Code.TOO_LARGE, f"The body exceeds the limit of {limit} bytes.")
         parts.append(chunk)
         if not message.get("more_body", False):
             return b"".join(parts)
@@ -335,20 +359,22 @@ async def _respond(send: Any, status: int, body: object, headers: list | None = 
     await send({"type": "http.response.body", "body": data})
 
 
-EXTRA_HEADERS = {
-    "unauthorized": [(b"www-authenticate", b"Bearer")],
-    "upgrade_required": [(b"upgrade", b"websocket"), (b"connection", b"Upgrade")],  # RFC 9110
+EXTRA_HEADERS: dict[str, list[tuple[bytes, bytes]]] = {
+    Code.UNAUTHORIZED: [(b"www-authenticate", b"Bearer")],
+    Code.UPGRADE_REQUIRED: [(b"upgrade", b"websocket"), (b"connection", b"Upgrade")],  # RFC 9110
 }
 
 
-async def _error(send: Any, code: str, message: str) -> None:
-    headers = JSON_HEADERS + EXTRA_HEADERS[code] if code in EXTRA_HEADERS else None
-    body = {"error": {"code": code, "message": message}}
-    await _respond(send, HTTP_STATUS.get(code, 400), body, headers)
+async def _error(send: Any, code: str, message: str, headers: list | None = None) -> None:
+    """An HTTP error document with the code's status (and the headers its status calls for)."""
+    extra = EXTRA_HEADERS.get(code, []) + (headers or [])
+    body = protocol.encode_error(protocol.NO_ID, code, message)
+    await _respond(send, protocol.http_status(code), body, JSON_HEADERS + extra if extra else None)
 
 
-async def _reject(send: Any, status: int, code: str, message: str) -> None:
-    """Refuse a WebSocket handshake with an HTTP status and a JSON body."""
-    body = orjson.dumps({"error": {"code": code, "message": message}})
-    await send({"type": "websocket.http.response.start", "status": status, "headers": JSON_HEADERS})
+async def _reject(send: Any, code: Code, message: str) -> None:
+    """Refuse a WebSocket handshake with the code's HTTP status and a JSON body."""
+    body = protocol.encode_error(protocol.NO_ID, code, message)
+    start = {"type": "websocket.http.response.start", "status": code.status}
+    await send({**start, "headers": JSON_HEADERS})
     await send({"type": "websocket.http.response.body", "body": body})

@@ -20,8 +20,10 @@ from typing import Protocol
 import numpy as np
 
 from . import protocol
-from .errors import EngineError
+from .errors import EngineError, Overloaded
 from .metrics import Metrics
+
+__all__ = ["Answer", "Batcher", "Failure", "Overloaded", "Owner", "SearchEngine"]
 from .text import counted
 
 log = logging.getLogger(__name__)
@@ -91,10 +93,6 @@ class Batch:
 
 Running = tuple[Batch, "asyncio.Future[list[Failure | None]]"]  # a batch in the engine thread
 INTERNAL_MESSAGE = "The server failed on this request."
-
-
-class Overloaded(Exception):
-    """The queue is full; the caller answers `overloaded` at once."""
 
 
 class Batcher:

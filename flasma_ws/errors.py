@@ -5,11 +5,12 @@ FlasmaError
 ├── VectorFileError      a target-vector file that cannot be used
 ├── EngineError          TensorFlow failed while loading or searching
 │   └── EngineOutOfMemory
+├── LoadCancelled        loading stopped because the server is shutting down
+├── Overloaded           the batcher's queue is full (answered `overloaded` at once)
 ├── ProtocolError        a request that cannot be answered (carries a wire `code`)
-└── ServerError          raised by the client when the server answers with an error
-
-The client adds ConnectionLost (a FlasmaError and a builtin ConnectionError) and, under it,
-AuthError: the server refused the token or the Origin (flasma_ws/client.py).
+├── ServerError          raised by the client when the server answers with an error
+└── ConnectionLost       the client's connection dropped (also a builtin ConnectionError)
+    └── AuthError        the server refused the token or the Origin
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ class EngineError(FlasmaError):
 
 class EngineOutOfMemory(EngineError):
     """The device ran out of memory for a batch or for the matrix."""
+
+
+class LoadCancelled(FlasmaError):
+    """Loading stopped because the server is shutting down."""
+
+
+class Overloaded(FlasmaError):
+    """The batcher's queue cannot take a request's rows; the caller answers `overloaded`."""
 
 
 class ProtocolError(FlasmaError):

@@ -77,7 +77,8 @@ class FlasmaServer(uvicorn.Server):
         self.fatal: FlasmaError | None = None
         self._draining: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        super().__init__(uvicorn_config(settings, App(self.service)))
+        self.app = App(self.service)
+        super().__init__(uvicorn_config(settings, self.app))
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -117,12 +118,16 @@ class FlasmaServer(uvicorn.Server):
         for listener in self.servers:
             listener.close()  # stop accepting
         try:
-            await asyncio.wait_for(self.service.drain(), self.settings.drain_timeout_s)
+            await asyncio.wait_for(self._drain_in_order(), self.settings.drain_timeout_s)
         except asyncio.TimeoutError:
             log.warning(
                 "Drain timeout (%.1f s) passed; closing anyway.", self.settings.drain_timeout_s
             )
         self.should_exit = True
+
+    async def _drain_in_order(self) -> None:
+        await self.service.drain()  # every queued request answered
+        await self.app.close_connections(1001)  # then each WebSocket, after its answers
 
 
 def serve(settings: Settings, started: float | None = None) -> None:

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from . import protocol
-from .batcher import Answer, Batcher, Failure, Overloaded, Owner
-from .errors import FlasmaError, ProtocolError
+from .batcher import Answer, Batcher, Failure, Owner
+from .errors import FlasmaError, LoadCancelled, Overloaded, ProtocolError
 from .machine import describe_cpu
 from .metrics import Metrics
 from .protocol import Codec, Query
@@ -34,10 +34,6 @@ class State(enum.Enum):
     FAILED = "failed"
 
 
-class LoadCancelled(FlasmaError):
-    """Loading stopped because the server is shutting down."""
-
-
 class Service:
     def __init__(self, settings: Settings, started: float | None = None) -> None:
         self.settings = settings
@@ -49,7 +45,6 @@ class Service:
         self.batcher: Batcher | None = None
         self.info: dict[str, object] = {"state": "loading"}
         self.on_fatal: Callable[[FlasmaError], None] | None = None
-        self.connections: set[Any] = set()
         self.address = f"{settings.host}:{settings.port}"  # the listener sets the bound one
         self.top_k = settings.top_k  # the default k; at most N once loaded
 
@@ -234,14 +229,11 @@ class Service:
 
     # -- shutdown ----------------------------------------------------------------------
     async def drain(self) -> None:
-        """Stop taking requests, answer all queued ones, then close every connection (1001)."""
+        """Stop taking requests and answer all queued ones (the app then closes its sockets)."""
         self.state = State.DRAINING
         self.metrics.ready.set(0)
         if self.batcher is not None:
             await self.batcher.drain()
-        await asyncio.gather(
-            *(c.close_after_flush(1001) for c in list(self.connections)), return_exceptions=True
-        )
 
     async def close(self) -> None:
         if self.batcher is not None:
