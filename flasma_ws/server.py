@@ -76,12 +76,12 @@ class FlasmaServer(uvicorn.Server):
         self.settings = settings
         self.fatal: FlasmaError | None = None
         self._draining: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.event_loop: asyncio.AbstractEventLoop | None = None
         self.app = App(self.service)
         super().__init__(uvicorn_config(settings, self.app))
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
-        self._loop = asyncio.get_running_loop()
+        self.event_loop = asyncio.get_running_loop()
         await super().serve(sockets)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -103,11 +103,11 @@ class FlasmaServer(uvicorn.Server):
 
         Unlike uvicorn's, it does not re-raise the signal afterwards, so a drain exits 0.
         """
-        if self._draining is not None or self._loop is None:
+        if self._draining is not None or self.event_loop is None:
             self.force_exit = True
             self.should_exit = True
             return
-        self._loop.call_soon_threadsafe(self.begin_drain)
+        self.event_loop.call_soon_threadsafe(self.begin_drain)
 
     def begin_drain(self) -> None:
         if self._draining is None:
@@ -236,8 +236,8 @@ class BackgroundServer:
 
     def drain(self) -> None:
         """What SIGTERM does, for a server in a thread."""
-        assert self.server._loop is not None
-        self.server._loop.call_soon_threadsafe(self.server.begin_drain)
+        assert self.server.event_loop is not None
+        self.server.event_loop.call_soon_threadsafe(self.server.begin_drain)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self.server.should_exit = True
