@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from flasma_ws.testing import ServerProcess, launch, wait_ready
 
 FLASMA = [sys.executable, "-m", "flasma_ws"]
 
@@ -84,65 +85,14 @@ def run_json(args: list[str], out: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Server:
-    process: subprocess.Popen[bytes]
-    port: int
-    log: Path
-    started: float
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    def get(self, path: str) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, b""
-
-    def rss_kib(self) -> tuple[int, int]:
-        """(VmRSS, VmHWM) in KiB from /proc."""
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        values = dict(re.findall(r"^(VmRSS|VmHWM):\s+(\d+)", status, re.M))
-        return int(values["VmRSS"]), int(values["VmHWM"])
-
-
 @contextmanager
-def serving(workdir: Path, *args: str) -> Iterator[Server]:
-    port = free_port()
-    log = workdir / f"serve-{port}.log"
-    command = [*FLASMA, "serve", "--host", "127.0.0.1", "--port", str(port), *args]
-    with log.open("wb") as out:
-        started = time.perf_counter()
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(process, port, log, started)
+def serving(workdir: Path, *args: str) -> Iterator[ServerProcess]:
+    server = launch(workdir / f"serve-{len(list(workdir.glob('serve-*.log')))}.log", *args)
     try:
         yield server
     finally:
-        process.terminate()
-        process.wait(60)
-
-
-def wait_ready(server: Server, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"the server exited: {server.log.read_text()[-2000:]}")
-        try:
-            if server.get("/healthz")[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError("the server did not become ready")
+        server.process.terminate()
+        server.process.wait(60)
 
 
 # -- the targets -----------------------------------------------------------------------------
@@ -184,7 +134,7 @@ def p1_p2(sizes: Sizes, workdir: Path, cells: dict[tuple[int, int], dict]) -> li
     return [check for check in checks if check is not None]
 
 
-def loadtest(server: Server, sizes: Sizes, workdir: Path, name: str, *args: str) -> dict:
+def loadtest(server: ServerProcess, sizes: Sizes, workdir: Path, name: str, *args: str) -> dict:
     common = ["loadtest", "--url", server.url, "--duration", str(sizes.load_s), "--warmup", "1"]
     return run_json([*common, *args], workdir / f"load-{name}.json")
 
@@ -234,9 +184,9 @@ def standard_file(path: Path, n: int, dim: int) -> Path:
     return path
 
 
-def first_answer_s(server: Server, dim: int, timeout_s: float = 300) -> float:
+def first_answer_s(server: ServerProcess, dim: int, timeout_s: float = 300) -> float:
     body = json.dumps({"embedding": [1.0] * dim}).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{server.port}/cos", data=body)
+    request = urllib.request.Request(f"{server.http_url}/cos", data=body)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -276,14 +226,15 @@ def p5(sizes: Sizes, workdir: Path, _cells: object = None) -> list[Check]:
     ]
 
 
-def settled_rss_mib(server: Server, sizes: Sizes, workdir: Path, dim: int) -> tuple[float, float]:
+def settled_rss_mib(
+    server: ServerProcess, sizes: Sizes, workdir: Path, dim: int
+) -> tuple[float, float]:
     """RSS after start-up and some real load at every batch size (KiB -> MiB)."""
     wait_ready(server)
     loadtest(
         server, sizes, workdir, f"rss-{dim}-{server.port}", "--connections", "8", "--inflight", "32"
     )
-    rss, hwm = server.rss_kib()
-    return rss / 1024, hwm / 1024
+    return server.rss_mib(), server.hwm_mib()
 
 
 def p6(sizes: Sizes, workdir: Path, _cells: object = None) -> list[Check]:

@@ -36,6 +36,7 @@ from . import machine as host
 from .blas_search import BlasSearch
 from .engine import Engine, EngineConfig, unit_queries
 from .errors import ConfigError
+from .reference import chunked_top_k
 from .settings import DTYPES
 from .timing import ROUNDS, time_calls
 from .vectors import Targets, load_matrix, open_targets
@@ -170,28 +171,10 @@ def load_faiss() -> Any | None:
     return faiss
 
 
-def exact_top_k(targets: Targets, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Float64 brute force over the stored (normalized float32) rows, a chunk at a time:
-    (B, k) engine row numbers and scores, best first."""
-    q = queries.astype(np.float64)
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
-    rows = np.empty((q.shape[0], 0), np.int64)
-    scores = np.empty((q.shape[0], 0))
-    for start, block in targets.chunks(8192):
-        block_rows = np.arange(start, start + block.shape[0])
-        rows = np.concatenate([rows, np.broadcast_to(block_rows, (q.shape[0], block.shape[0]))], 1)
-        scores = np.concatenate([scores, q @ block.astype(np.float64).T], axis=1)
-        if scores.shape[1] > k:
-            keep = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-            rows, scores = np.take_along_axis(rows, keep, 1), np.take_along_axis(scores, keep, 1)
-    order = np.argsort(-scores, axis=1, kind="stable")
-    return np.take_along_axis(rows, order, 1), np.take_along_axis(scores, order, 1)
-
-
 def accuracy(engine: Engine, queries: np.ndarray, k: int) -> Accuracy:
-    """Recall@k and the largest rank-by-rank score error against `exact_top_k`."""
+    """Recall@k and the largest rank-by-rank score error against the float64 brute force."""
     rows, scores = engine.search(queries, k)
-    exact_rows, exact_scores = exact_top_k(engine.targets, queries, k)
+    exact_rows, exact_scores = chunked_top_k(engine.targets.chunks(8192), queries, k)
     exact_rows = engine.targets.original_index(exact_rows)
     hits = [len(set(r.tolist()) & set(e.tolist())) for r, e in zip(rows, exact_rows, strict=True)]
     return Accuracy(

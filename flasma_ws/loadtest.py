@@ -29,13 +29,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .client import Client, ConnectionLost, Prepared, TopK, http_url, prepare
 from .errors import ConfigError, FlasmaError, ServerError
+from .reference import check_answer, unit_rows
 from .text import counted
 
 Arrival = Literal["constant", "poisson"]
 SWEEP_PARAMS = ("connections", "inflight", "rate")
 PERCENTILES = (50, 90, 95, 99)
-NEAR_TIE = 1e-6  # reference scores this close may come back in either order
-SCORE_TOL = 1e-5  # float32 server scores against the float64 reference
 MIN_POOL = 1024  # distinct random queries cycled through during a run
 CONNECTION_ERROR = "connection"  # errors-by-code key for a lost or refused connection
 PROGRESS_EVERY_S = 0.5
@@ -714,8 +713,7 @@ class Reference:
 
     def scores(self, queries: np.ndarray) -> np.ndarray:
         """Float64 cosine scores (B, rows); rows the server skipped score -inf."""
-        q = queries.astype(np.float64)
-        q /= np.linalg.norm(q, axis=1, keepdims=True)
+        q = unit_rows(queries)
         kept = q @ self.matrix.T
         if self.keep is None:
             return kept
@@ -760,34 +758,6 @@ def _gather_answers(
         np.concatenate([captured[f].ids for f in range(frames)]),
         np.concatenate([captured[f].scores for f in range(frames)]),
     )
-
-
-def check_answer(ref: np.ndarray, ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[float, str]:
-    """(recall@k, "" or what is wrong) for one answer against float64 reference scores.
-
-    Exact means: the reference's top-k ids (ties to the lower index), except that ids may
-    differ where reference scores are within NEAR_TIE; scores within SCORE_TOL.
-    """
-    want = np.argsort(-ref, kind="stable")[:k]
-    recall = len(set(ids.tolist()) & set(want.tolist())) / k
-    if ids.shape != (k,):
-        return recall, f"{counted(ids.shape[0], 'result')}, expected {k}"
-    if len(set(ids.tolist())) != k:
-        return recall, "a row came back twice"
-    if ids.min() < 0 or ids.max() >= len(ref):
-        return recall, "a row number is out of range"
-    differ = ids != want
-    gap = np.abs(ref[ids] - ref[want])[differ]
-    if gap.size and gap.max() >= NEAR_TIE:
-        rank = int(np.flatnonzero(differ)[0])
-        return recall, (
-            f"rank {rank}: got row {ids[rank]}, expected {want[rank]} "
-            f"(scores differ by {gap.max():.2e})"
-        )
-    error = np.abs(scores.astype(np.float64) - ref[want])
-    if error.max() > SCORE_TOL:
-        return recall, f"a score is off by {error.max():.2e}"
-    return recall, ""
 
 
 # -- reports -----------------------------------------------------------------------------

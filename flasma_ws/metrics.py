@@ -57,3 +57,21 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def read_samples(text: str) -> dict[str, float]:
+    """Prometheus text as {'name{label="value",...}': value}, a bare name when unlabelled,
+    read with prometheus-client's own parser (escapes, exemplars and comments handled)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        _sample_key(sample.name, sample.labels): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _sample_key(name: str, labels: dict[str, str]) -> str:
+    if not labels:
+        return name
+    return name + "{" + ",".join(f'{key}="{value}"' for key, value in labels.items()) + "}"

@@ -1,5 +1,5 @@
-"""Helpers shared by the reliability scripts: a server subprocess whose memory we can read,
-/metrics scraping, percentiles, file-descriptor limits."""
+"""Helpers shared by the reliability scripts: a server subprocess whose memory we can read
+(flasma_ws.testing's), /metrics scraping, percentiles, file-descriptor limits."""
 
 from __future__ import annotations
 
@@ -7,23 +7,31 @@ import asyncio
 import os
 import resource
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
 
+from flasma_ws.metrics import read_samples
+from flasma_ws.testing import ServerProcess, healthz, launch, wait_ready
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = [  # ServerProcess and healthz are flasma_ws.testing's, re-exported for the scripts
+    "ServerProcess",
+    "healthz",
+    "metrics",
+    "open_connections",
+    "other_benchmarks",
+    "percentiles_ms",
+    "raise_nofile",
+    "run_against_server",
+    "spawn_server",
+    "wait_open_connections",
+    "warn_if_busy",
+]
 
 
 def raise_nofile(wanted: int) -> int:
@@ -38,93 +46,16 @@ def raise_nofile(wanted: int) -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-@dataclass
-class ServerProcess:
-    """`python -m flasma_ws serve` on a loopback port, so its RSS and fds can be read."""
-
-    process: subprocess.Popen[bytes]
-    port: int
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def rss_mib(self) -> float:
-        return status_kib(self.process.pid, "VmRSS") / 1024
-
-    def hwm_mib(self) -> float:
-        """Peak RSS since start (VmHWM)."""
-        return status_kib(self.process.pid, "VmHWM") / 1024
-
-    def open_fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.process.pid}/fd"))
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def stop(self, timeout_s: float = 60.0) -> tuple[int, float]:
-        """SIGTERM (the server drains), then wait; (exit status, seconds it took). -9: killed."""
-        started = time.monotonic()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return int(self.process.returncode), time.monotonic() - started
-
-
 def spawn_server(args: Sequence[str], log: Path, ready_timeout_s: float = 180.0) -> ServerProcess:
     """Start a server subprocess and wait for /healthz 200; its output goes to `log`."""
     # SIGTERM to this script runs its `finally: server.stop()` rather than orphaning the server.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    port = free_port()
-    command = [sys.executable, "-m", "flasma_ws", "serve", "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--log-level", "warning", *args]
-    with log.open("wb") as out:  # a file, not a pipe: a full pipe would stall the server
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    server = ServerProcess(process, port, log)
-    deadline = time.monotonic() + ready_timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"The server exited early:\n{log.read_text()[-3000:]}")
-        if healthz(server.http_url) == 200:
-            return server
-        time.sleep(0.2)
-    server.stop()
-    raise RuntimeError(f"The server was not ready in {ready_timeout_s} s; see {log}.")
-
-
-def status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-def healthz(http_url: str) -> int | None:
-    """The /healthz status code, or None when nothing answers."""
-    try:
-        return httpx.get(f"{http_url}/healthz", timeout=5).status_code
-    except httpx.HTTPError:
-        return None
+    return wait_ready(launch(log, "--log-level", "warning", *args), ready_timeout_s)
 
 
 def metrics(http_url: str) -> dict[str, float]:
-    """Prometheus text as {"name{labels}": value}; comments dropped."""
-    text = httpx.get(f"{http_url}/metrics", timeout=10).text
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    return values
+    """The server's /metrics as {"name{labels}": value}."""
+    return read_samples(httpx.get(f"{http_url}/metrics", timeout=10).text)
 
 
 def open_connections(http_url: str) -> float:

@@ -3,33 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import reference
 from websockets.asyncio.server import ServerConnection, serve
 
 from flasma_ws.client import Client, ConnectionLost, SyncClient, TopK, server_info
 from flasma_ws.errors import FlasmaError, ServerError
 from flasma_ws.server import BackgroundServer
 from flasma_ws.settings import Settings
-from flasma_ws.vectors import load_matrix, open_targets
 
 SETTINGS = Settings(dim=16, demo_size=2000, demo_seed=3, port=0)
-NEAR_TIE = 1e-6  # reference scores closer than this may come back in either order
-SCORE_TOL = 1e-5  # float32 server scores vs the float64 reference
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[BackgroundServer]:
-    with BackgroundServer(SETTINGS) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def matrix() -> np.ndarray:
-    targets = open_targets(None, SETTINGS.dim, SETTINGS.demo_size, SETTINGS.demo_seed)
-    return load_matrix(targets).astype(np.float64)
 
 
 def random_queries(count: int, seed: int) -> np.ndarray:
@@ -39,15 +24,10 @@ def random_queries(count: int, seed: int) -> np.ndarray:
 def assert_exact(
     matrix: np.ndarray, query: np.ndarray, ids: np.ndarray, scores: np.ndarray, k: int
 ) -> None:
-    """Ids as a float64 brute force's, except among near-tied scores; scores close."""
-    q = query.astype(np.float64) / np.linalg.norm(query.astype(np.float64))
-    ref = matrix @ q
-    want = np.argsort(-ref, kind="stable")[:k]
+    """The client's shapes and dtypes, then the float64 reference's rows and scores."""
     assert ids.shape == scores.shape == (k,)
     assert ids.dtype == np.int64 and scores.dtype == np.float32
-    differ = ids != want
-    np.testing.assert_array_less(np.abs(ref[ids] - ref[want])[differ], NEAR_TIE)
-    np.testing.assert_allclose(scores, ref[want], rtol=0, atol=SCORE_TOL)
+    reference.assert_exact(matrix, query, ids, scores, k)
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])

@@ -1,8 +1,7 @@
 """Property tests of the wire codec: whatever arrives, the codec returns a valid Query or raises
 exactly one ProtocolError whose code is in ERROR_CODES; never another exception type.
 
-Known codec bugs (docs/reliability.md) are pinned by strict-xfail tests at the end: they fail
-today and turn into XPASS (a failure, with strict) once fixed, so the marker gets removed.
+The codec bugs once found by fuzzing (docs/reliability.md) are pinned at the end.
 """
 
 from __future__ import annotations
@@ -374,7 +373,7 @@ def test_binary_header_is_16_bytes() -> None:
     assert BINARY_HEADER.size == struct.calcsize("<QHHI") == 16
 
 
-# -- known bugs (docs/reliability.md): strict xfail until the codec is fixed -----------------
+# -- bugs found by fuzzing (docs/reliability.md), fixed: they stay fixed ----------------------
 
 UNENCODABLE_IDS = [
     '{"id": "\\ud800", "embedding": [1, 2, 3, 4]}',  # a lone surrogate escape: orjson reads it

@@ -8,7 +8,6 @@ import fnmatch
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from flasma_ws.cli import app
 from flasma_ws.server import BackgroundServer
 from flasma_ws.service import State
 from flasma_ws.settings import Settings
+from flasma_ws.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = ["Dockerfile", "Dockerfile.gpu"]
@@ -130,12 +130,6 @@ def test_every_flasma_variable_used_is_a_serve_setting(name):
 def small_server():
     with BackgroundServer(Settings(dim=8, demo_size=100, port=0)) as running:
         yield running
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_healthcheck(name: str, port: int) -> int:

@@ -26,11 +26,7 @@ if str(ROOT) not in sys.path:  # reliability/ is a folder of scripts beside the 
 
 from reliability import fuzz  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def server():
-    with BackgroundServer(fuzz.server_settings()) as running:
-        yield running
+SETTINGS = fuzz.server_settings()  # the `server` fixture (conftest.py) serves these
 
 
 def test_short_fuzz_run_has_no_violations(server):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +20,6 @@ from flasma_ws.settings import Settings
 SETTINGS = Settings(dim=16, demo_size=2000, demo_seed=7, port=0)
 LATENCY_KEYS = {"p50", "p90", "p95", "p99", "max"}
 REPORT_KEYS = {"throughput_qps", "latency_ms", "errors", "sent", "answered", "mean_batch_size"}
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[BackgroundServer]:
-    with BackgroundServer(SETTINGS) as running:
-        yield running
 
 
 def loadtest(*args: str) -> tuple[int, str]:

@@ -7,7 +7,6 @@ import inspect
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,54 +19,26 @@ import pytest
 import websockets
 from reference import assert_exact, pairs_to_arrays
 
+from flasma_ws import testing
+from flasma_ws.testing import free_port
+
 LEGACY = Path(__file__).resolve().parents[1].parent / "shared/fixtures/flasma-legacy-10000x100.npy"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def launch(
     log: Path, *args: str, env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
     """`flasma-ws serve` on a free loopback port, logging to a file; (process, base URL)."""
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "flasma_ws",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        *args,
-    ]
-    with log.open("wb") as out:  # a file, not a pipe: a full pipe would stall the server
-        process = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-        )
-    return process, f"http://127.0.0.1:{port}"
+    server = testing.launch(log, *args, env=env)
+    return server.process, server.http_url
 
 
 def start(
     log: Path, *args: str, env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
     """launch(), then wait until /healthz says ready."""
-    process, base = launch(log, *args, env=env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert process.poll() is None, log.read_text()
-        try:
-            if httpx.get(f"{base}/healthz").status_code == 200:
-                return process, base
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    process.kill()
-    raise AssertionError("the server did not become ready")
+    server = testing.wait_ready(testing.launch(log, *args, env=env), timeout_s=120)
+    return server.process, server.http_url
 
 
 @pytest.mark.skipif(not LEGACY.exists(), reason="the shared legacy fixture is not present")

@@ -17,20 +17,11 @@ from reference import assert_exact, pairs_to_arrays
 from flasma_ws.protocol import BINARY_HEADER, Codec, encode_binary_query
 from flasma_ws.server import BackgroundServer
 from flasma_ws.settings import Settings
-from flasma_ws.vectors import load_matrix, open_targets
 
 DIM, N = 32, 3000
 
 
-@pytest.fixture(scope="module")
-def server():
-    with BackgroundServer(Settings(dim=DIM, demo_size=N, port=0, max_batch=64)) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def matrix() -> np.ndarray:
-    return load_matrix(open_targets(None, DIM, demo_size=N))
+SETTINGS = Settings(dim=DIM, demo_size=N, port=0, max_batch=64)  # `server`, `matrix`: conftest.py
 
 
 def queries(count: int, seed: int = 1) -> np.ndarray:
