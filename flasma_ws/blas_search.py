@@ -2,10 +2,12 @@
 
 Why: a batch of one query is a matrix-vector product that reads the whole matrix once, so
 it is bound by memory bandwidth. BLAS's GEMV streams at that bound; TensorFlow's MatMul at
-one row does not (N = 100k, d = 100: ~1.0 ms against BLAS's ~0.5 ms on an AMD EPYC Zen 5;
-3.4 ms against 1.2 ms on a Zen 3, docs/benchmarks.md). From two rows up TensorFlow wins:
-BLAS's GEMM packs the matrix for small row counts (d = 768, two rows: 20 ms against
-TensorFlow's 9 ms). So only batches of `MAX_ROWS` rows come here.
+one row does not, and its top-k graph adds ~1 ms of per-op cost at small batches. Whole
+searches at N = 100k on a 2-core AMD EPYC Zen 5 (docs/benchmarks.md), TensorFlow against this
+path: d = 100, 2.10 ms against 0.94; d = 768, 10.8 against 8.2. From two rows up TensorFlow
+wins (d = 100: 2.44 against 3.45 ms; d = 768: 12.0 against 22.2), since BLAS's GEMM packs the
+matrix for small row counts and the numpy top-k costs per row. So only batches of
+`MAX_ROWS` rows come here.
 
 The matrix is not copied: the engine's CPU slabs are numpy buffers that TensorFlow reads
 through DLPack, and this class reads the same buffers.
