@@ -22,6 +22,7 @@ import numpy as np
 from . import protocol
 from .errors import EngineError, Overloaded
 from .metrics import Metrics
+from .settings import BatcherSettings
 
 __all__ = ["Answer", "Batcher", "Failure", "Overloaded", "Owner", "SearchEngine"]
 from .text import counted
@@ -100,15 +101,15 @@ class Batcher:
         self,
         engine: SearchEngine,
         metrics: Metrics,
-        max_batch: int = 128,
-        queue_size: int = 8192,
-        max_wait_ms: float = 0.0,
+        settings: BatcherSettings,
+        max_batch: int,
     ) -> None:
+        """`max_batch` is the engine's (settings.engine.max_batch): the rows it was sized for."""
         self.engine = engine
         self.metrics = metrics
         self.max_batch = max_batch
-        self.queue_size = queue_size
-        self.max_wait_s = max_wait_ms / 1000
+        self.queue_size = settings.queue_size
+        self.max_wait_s = settings.max_wait_ms / 1000
         self._queue: deque[Pending] = deque()
         self._queued_rows = 0
         self._work = asyncio.Event()

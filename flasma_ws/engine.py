@@ -33,7 +33,6 @@ import math
 import mmap
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -46,6 +45,7 @@ import tensorflow as tf
 from .blas_search import MAX_ROWS as BLAS_MAX_ROWS
 from .blas_search import BlasSearch
 from .errors import ConfigError, EngineError, EngineOutOfMemory
+from .settings import EngineSettings
 from .vectors import Targets, chunk_rows_for
 
 log = logging.getLogger(__name__)
@@ -53,15 +53,9 @@ log = logging.getLogger(__name__)
 TF_DTYPES = {"float32": tf.float32, "float16": tf.float16, "bfloat16": tf.bfloat16}
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    max_batch: int = 128
-    max_k: int = 100
-    top_k: int = 10  # the k most calls use; picks the block size
-    device: str = "auto"
-    dtype: str = "float32"
-    block_size: int | None = None
-    score_memory_mib: int | None = None  # scores of one slab, full batch; None = 512 MiB
+# The engine's part of the settings tree, whose fields are the one set of defaults (top_k,
+# the k most calls use, picks the block size).
+EngineConfig = EngineSettings
 
 
 def warmup_batches(max_batch: int) -> list[int]:

@@ -120,9 +120,9 @@ class Query:
 class Codec:
     dim: int
     n: int
-    top_k: int = 10
-    max_k: int = 100
-    max_queries_per_frame: int = 1024
+    top_k: int  # the limits come from Settings (and the served matrix), never defaulted here
+    max_k: int
+    max_queries_per_frame: int
 
     # -- requests ----------------------------------------------------------------------
     def parse_text(self, data: str | bytes) -> Query:

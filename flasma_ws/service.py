@@ -68,8 +68,10 @@ class Service:
         s = self.settings
         self.engine = engine
         self.top_k = self._default_k(engine)
-        self.codec = Codec(engine.dim, engine.n, self.top_k, engine.max_k, s.max_queries_per_frame)
-        self.batcher = Batcher(engine, self.metrics, s.max_batch, s.queue_size, s.max_wait_ms)
+        self.codec = Codec(
+            engine.dim, engine.n, self.top_k, engine.max_k, s.limits.max_queries_per_frame
+        )
+        self.batcher = Batcher(engine, self.metrics, s.batcher, s.engine.max_batch)
         self.batcher.start()
         self.info = self._describe(engine)
         self.state = State.READY
@@ -115,7 +117,7 @@ class Service:
         )
         scanned = time.perf_counter()
         importing.join()
-        from .engine import Engine, EngineConfig, configure_threads
+        from .engine import Engine, configure_threads
 
         imported = time.perf_counter()
         if not configure_threads(s.tf_interop_threads):
@@ -135,16 +137,7 @@ class Service:
                 targets.source.label,
                 targets.source.integer_dtype,
             )
-        config = EngineConfig(
-            max_batch=s.max_batch,
-            max_k=s.max_k,
-            top_k=s.top_k,
-            device=s.device,
-            dtype=s.dtype,
-            block_size=s.block_size,
-            score_memory_mib=s.score_memory_mib,
-        )
-        engine = Engine(targets, config, progress=self._still_wanted)
+        engine = Engine(targets, s.engine, progress=self._still_wanted)
         copied = time.perf_counter()
         engine.warmup(progress=self._still_wanted)
         warmed = time.perf_counter()

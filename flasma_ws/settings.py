@@ -1,16 +1,20 @@
-"""The one settings object: built once by the CLI (or a test), passed down to every layer."""
+"""The one settings tree: built once by the CLI (or a test), passed down whole; each component
+takes its section. The fields are the one set of defaults: `flasma-ws serve`'s options and
+FLASMA_* variables are derived from them (name, type, default, help with units).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 from .errors import ConfigError
 
-Dtype = Literal["float32", "float16", "bfloat16"]
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
 MAX_PORT = 65_535
@@ -18,45 +22,185 @@ MAX_PORT = 65_535
 DEVICE_PATTERN = re.compile(r"auto|(?i:(/device:|/)?(cpu(:0)?|gpu(:\d+)?))")
 
 
-@dataclass(frozen=True)
-class Settings:
-    # Target vectors
-    npy: Path | None = None
-    dim: int | None = None
-    demo_size: int = 10_000
-    demo_seed: int = 0
-    drop_zero: bool = False
-    # Engine
-    device: str = "auto"
-    dtype: Dtype = "float32"
-    max_batch: int = 128
-    top_k: int = 10
-    max_k: int = 100
-    block_size: int | None = None  # columns per top-k block; None = chosen from N and top_k
-    score_memory_mib: int = 512  # engine working memory: scores of one slab of columns
-    tf_interop_threads: int = 1  # TensorFlow inter-op threads; 0 = TensorFlow's default
-    # Batcher
-    max_wait_ms: float = 0.0
-    queue_size: int = 8192  # queries waiting for the engine, all connections together
-    timeout_ms: int = 10_000
-    # Server
-    host: str = "0.0.0.0"
-    port: int = 8080
-    max_inflight: int = 1024  # per connection: queries sent and not yet answered
-    max_frame_bytes: int = 4 * 1024 * 1024
-    max_queries_per_frame: int = 1024
-    max_body_bytes: int = 4 * 1024 * 1024
-    ws_compression: bool = False
-    max_connections: int | None = None  # open WebSocket connections; None = no limit
-    token: str | None = None  # Bearer token for /ws, /cos and /info; None = open
-    certfile: Path | None = None  # TLS: serve wss:// and https://
-    keyfile: Path | None = None
-    allowed_origins: tuple[str, ...] | None = None  # browser Origins allowed; None = any
-    drain_timeout_s: float = 30.0
-    log_level: str = "info"
+def setting(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    cli_type: Any = None,
+    parse: Callable[[Any], Any] | None = None,
+) -> Any:
+    """A leaf field and how the CLI shows it: `flag` when the option is not the field's name,
+    `cli_type`/`parse` when the command line gives another type (a comma-separated list)."""
+    metadata = {"help": help, "flag": flag, "cli_type": cli_type, "parse": parse}
+    return field(default=default, metadata=metadata)
 
-    def __post_init__(self) -> None:
+
+def parse_origins(value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    return tuple(origin.strip().rstrip("/") for origin in value.split(",") if origin.strip())
+
+
+@dataclass(frozen=True)
+class TargetSettings:
+    npy: Path | None = setting(
+        None,
+        "Target vectors: (N, dim) .npy, or Flasma's legacy 1-D file (needs --dim). "
+        "Omit to serve a demo set.",
+    )
+    dim: int | None = setting(None, "Vector dimension: required for legacy files and the demo set.")
+    demo_size: int = setting(10_000, "Rows of the generated demo set.")
+    demo_seed: int = setting(0, "Seed of the generated demo set.")
+    drop_zero: bool = setting(False, "Skip zero-norm rows (results keep file row numbers).")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = setting("0.0.0.0", "Address to listen on.")
+    port: int = setting(8080, "Port for /ws, /cos, /healthz, /info and /metrics (0 = any free).")
+    ws_compression: bool = setting(
+        False, "Accept permessage-deflate (costs CPU; vectors barely compress)."
+    )
+    drain_timeout_s: float = setting(
+        30.0,
+        "Seconds to answer queued requests on SIGTERM before closing anyway.",
+        flag="drain_timeout",
+    )
+    log_level: str = setting("info", "debug, info, warning or error.")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """The engine's part (flasma_ws.engine.EngineConfig is this class)."""
+
+    device: str = setting("auto", "TensorFlow device: auto (GPU if present), cpu, gpu:N.")
+    dtype: str = setting("float32", "Stored matrix type: float32, float16 or bfloat16.")
+    max_batch: int = setting(128, "Most query rows per engine batch.")
+    top_k: int = setting(10, "Results per query when the request gives no k.")
+    max_k: int = setting(100, "Largest k a request may ask for.")
+    block_size: int | None = setting(
+        None, "Columns per block of the two-stage top-k (default: chosen from N and --top-k)."
+    )
+    # None: the engine's SLAB_SCORE_BYTES (512 MiB), where its measured reason is written.
+    score_memory_mib: int | None = setting(
+        None,
+        "MiB of scores per slab of columns for a full batch (default: 512): the engine's "
+        "working memory. "
+        "Less memory costs speed (128 saves ~400 MiB at 1M x 768 for ~17 % fewer q/s).",
+    )
+    tf_interop_threads: int = setting(
+        1,
+        "TensorFlow inter-op threads (0 = TensorFlow's default); 1 leaves the other cores "
+        "to the event loop.",
+    )
+
+
+@dataclass(frozen=True)
+class BatcherSettings:
+    max_wait_ms: float = setting(
+        0.0, "Milliseconds an idle engine waits to fill a batch (0 = run at once)."
+    )
+    queue_size: int = setting(
+        8192,
+        "Query rows that may wait for the engine, all clients together; "
+        "beyond it requests get 'overloaded'.",
+    )
+    timeout_ms: int = setting(10_000, "Default deadline per request, in milliseconds.")
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    max_inflight: int = setting(
+        1024, "Unanswered queries per connection before we stop reading it."
+    )
+    max_frame_bytes: int = setting(4 * 1024 * 1024, "Largest WebSocket message, in bytes.")
+    max_queries_per_frame: int = setting(1024, "Most queries in one multi-query frame.")
+    max_body_bytes: int = setting(4 * 1024 * 1024, "Largest POST /cos body, in bytes (413 beyond).")
+    max_connections: int | None = setting(
+        None,
+        "Most open WebSocket connections; more are refused with 503 (default: no limit).",
+    )
+
+
+@dataclass(frozen=True)
+class SecuritySettings:
+    token: str | None = setting(
+        None, "Require 'Authorization: Bearer TOKEN' on /ws, /cos and /info."
+    )
+    certfile: Path | None = setting(None, "TLS certificate (PEM): serve wss:// and https://.")
+    keyfile: Path | None = setting(None, "TLS private key (PEM) for --certfile.")
+    allowed_origins: tuple[str, ...] | None = setting(
+        None,
+        "Comma-separated browser Origins allowed on /ws and /cos (default: any).",
+        cli_type=str | None,
+        parse=parse_origins,
+    )
+
+
+SECTIONS: dict[str, type] = {
+    "targets": TargetSettings,
+    "server": ServerSettings,
+    "engine": EngineSettings,
+    "batcher": BatcherSettings,
+    "limits": LimitSettings,
+    "security": SecuritySettings,
+}
+SECTION_OF = {f.name: name for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """One leaf field as the CLI sees it."""
+
+    name: str  # the field
+    flag: str  # the option's name with underscores: --drain-timeout is drain_timeout
+    type: Any  # the type the command line gives
+    default: Any
+    help: str
+    parse: Callable[[Any], Any] | None
+
+
+def leaves() -> Iterator[Leaf]:
+    """Every leaf field, section after section, as the CLI shows them."""
+    for cls in SECTIONS.values():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            kind = meta["cli_type"] or hints[f.name]
+            flag = meta["flag"] or f.name
+            yield Leaf(f.name, flag, kind, f.default, meta["help"], meta["parse"])
+
+
+@dataclass(frozen=True, init=False)
+class Settings:
+    """The sections, each a frozen dataclass. Leaves can be given and read by their own name
+    as shorthand: `Settings(dim=8, port=0).port` is `settings.server.port`."""
+
+    targets: TargetSettings
+    server: ServerSettings
+    engine: EngineSettings
+    batcher: BatcherSettings
+    limits: LimitSettings
+    security: SecuritySettings
+
+    def __init__(self, **values: Any) -> None:
+        sections = {name: values.pop(name, None) or cls() for name, cls in SECTIONS.items()}
+        changes: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+        for name, value in values.items():
+            if name not in SECTION_OF:
+                raise TypeError(f"Settings has no field {name!r}.")
+            changes[SECTION_OF[name]][name] = value
+        for name, section in sections.items():
+            object.__setattr__(self, name, dataclasses.replace(section, **changes[name]))
         self.validate()
+
+    def __getattr__(self, name: str) -> Any:
+        """A leaf by its own name (only called when normal lookup fails)."""
+        section = SECTION_OF.get(name)
+        if section is None:
+            raise AttributeError(f"Settings has no field {name!r}")
+        return getattr(object.__getattribute__(self, section), name)
 
     def validate(self) -> None:
         positive = {
@@ -80,7 +224,7 @@ class Settings:
             raise ConfigError(f"--top-k ({self.top_k}) must not exceed --max-k ({self.max_k}).")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
-        if self.score_memory_mib < 1:
+        if self.score_memory_mib is not None and self.score_memory_mib < 1:
             raise ConfigError(
                 f"--score-memory-mib must be at least 1, got {self.score_memory_mib}."
             )
@@ -116,5 +260,6 @@ class Settings:
         if self.npy is None and self.dim is None:
             raise ConfigError("Give --npy FILE, or --dim D to serve a generated demo set.")
 
-    def replace(self, **changes: object) -> Settings:
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with leaves (by name) or whole sections changed."""
+        return Settings(**{**{name: getattr(self, name) for name in SECTIONS}, **changes})

@@ -15,6 +15,7 @@ from reference import assert_exact
 from flasma_ws.batcher import Batcher, Failure, Overloaded
 from flasma_ws.errors import EngineError
 from flasma_ws.metrics import Metrics
+from flasma_ws.settings import BatcherSettings
 
 POISON = 666.0
 
@@ -57,7 +58,7 @@ async def run_requests(batcher: Batcher, requests: list[np.ndarray], k: int = 3,
 
 async def test_requests_merge_into_batches_and_big_ones_split(matrix):
     engine = NumpyEngine(matrix)
-    batcher = Batcher(engine, Metrics(), max_batch=16, queue_size=1000)
+    batcher = Batcher(engine, Metrics(), BatcherSettings(queue_size=1000), max_batch=16)
     batcher.start()
     rng = np.random.default_rng(1)
     requests = [rng.standard_normal((n, 8)).astype(np.float32) for n in (1, 1, 40, 3, 1)]
@@ -71,7 +72,7 @@ async def test_requests_merge_into_batches_and_big_ones_split(matrix):
 
 async def test_failed_batch_is_retried_in_halves_and_only_the_bad_request_fails(matrix):
     engine = NumpyEngine(matrix)
-    batcher = Batcher(engine, Metrics(), max_batch=32, queue_size=1000)
+    batcher = Batcher(engine, Metrics(), BatcherSettings(queue_size=1000), max_batch=32)
     rng = np.random.default_rng(2)
     requests = [rng.standard_normal((1, 8)).astype(np.float32) for _ in range(20)]
     requests[7][0, 0] = POISON
@@ -85,7 +86,7 @@ async def test_failed_batch_is_retried_in_halves_and_only_the_bad_request_fails(
 
 
 async def test_queue_limit_raises_overloaded_and_counts_rows(matrix):
-    batcher = Batcher(NumpyEngine(matrix), Metrics(), max_batch=8, queue_size=10)
+    batcher = Batcher(NumpyEngine(matrix), Metrics(), BatcherSettings(queue_size=10), max_batch=8)
     batcher.submit(np.ones((6, 8), np.float32), 3, time.monotonic() + 10, lambda _: None)
     with pytest.raises(Overloaded, match="capacity"):
         batcher.submit(np.ones((5, 8), np.float32), 3, time.monotonic() + 10, lambda _: None)
@@ -95,7 +96,7 @@ async def test_queue_limit_raises_overloaded_and_counts_rows(matrix):
 
 async def test_requests_of_a_gone_owner_are_skipped(matrix):
     engine = NumpyEngine(matrix)
-    batcher = Batcher(engine, Metrics(), max_batch=8, queue_size=100)
+    batcher = Batcher(engine, Metrics(), BatcherSettings(queue_size=100), max_batch=8)
     gone = Owner()
     gone.alive = False
     batcher.submit(np.ones((4, 8), np.float32), 3, time.monotonic() + 10, lambda _: None, gone)
@@ -107,7 +108,9 @@ async def test_requests_of_a_gone_owner_are_skipped(matrix):
 
 async def test_max_wait_fills_batches(matrix):
     engine = NumpyEngine(matrix)
-    batcher = Batcher(engine, Metrics(), max_batch=64, queue_size=100, max_wait_ms=50)
+    batcher = Batcher(
+        engine, Metrics(), BatcherSettings(queue_size=100, max_wait_ms=50), max_batch=64
+    )
     batcher.start()
     loop = asyncio.get_running_loop()
     futures = []
