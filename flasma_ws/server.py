@@ -71,8 +71,7 @@ def _filter_client_frames() -> None:
 class FlasmaServer(uvicorn.Server):
     def __init__(self, settings: Settings, started: float | None = None) -> None:
         _filter_client_frames()
-        self.service = Service(settings, started)
-        self.service.on_fatal = self._fatal
+        self.service = Service(settings, started, on_fatal=self._fatal)
         self.settings = settings
         self.fatal: FlasmaError | None = None
         self._draining: asyncio.Task[None] | None = None
