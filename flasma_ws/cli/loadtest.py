@@ -5,16 +5,22 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.table import Table
 from rich.text import Text
 
-from ..errors import FlasmaError
+from ..errors import ConfigError, FlasmaError
+from ..text import counted
 from . import app, check_writable, fail
+
+if TYPE_CHECKING:  # the load generator (numpy, httpx) loads only when the command runs
+    from ..loadtest import LiveStatus, LoadConfig, Report, RunReport
+    from ..loadtest.report import Verification
 
 # Wide enough for the report when stdout is a file or a pipe (rich assumes 80 columns there).
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -123,24 +129,24 @@ def loadtest(
         check_writable(json_out, "--json-out")  # before the run, not after it
         check_writable(plot, "--plot")
         if plot is not None:
-            lt.require_matplotlib()
-        result = _run(lt, config, swept)
-        console.print(lt.report_table(result))
+            require_matplotlib()
+        report = _run(lt, config, swept)
+        console.print(report_table(report))
         if json_out is not None:
-            json_out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+            json_out.write_bytes(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2))
         if plot is not None:
-            lt.plot(result, plot)
+            draw_plot(report, plot)
     except FlasmaError as exc:
         fail(exc)
-    if lt.nothing_answered(result):
+    if lt.nothing_answered(report):
         console.print("[red]No query was answered[/red] (see the errors column).")
         raise typer.Exit(1)
-    if not lt.is_exact(result):
+    if not lt.is_exact(report):
         console.print("[red]Some answers were not exact[/red] (see the recall column).")
         raise typer.Exit(1)
 
 
-def _run(lt: Any, config: Any, swept: tuple[str, list[float]] | None) -> dict[str, Any]:
+def _run(lt: Any, config: LoadConfig, swept: tuple[str, list[float]] | None) -> Report:
     """The run, with a live status line on stderr when it is a terminal."""
     if not progress_console.is_terminal:
         return asyncio.run(lt.run_load(config, swept))
@@ -148,13 +154,131 @@ def _run(lt: Any, config: Any, swept: tuple[str, list[float]] | None) -> dict[st
         Text("connecting"), console=progress_console, transient=True, refresh_per_second=4
     ) as live:
 
-        def on_progress(progress: Any) -> None:
-            live.update(Text(lt.progress_text(progress)))
+        def on_progress(status: LiveStatus) -> None:
+            live.update(Text(status_text(status)))
 
-        def on_point(point: dict[str, Any]) -> None:
+        def on_point(point: RunReport) -> None:
             live.console.print(
-                f"  done: {point['throughput_qps']:,.0f} q/s, p99 "
-                f"{point['latency_ms']['p99'] or 0:.2f} ms"
+                f"  done: {point.throughput_qps:,.0f} q/s, p99 {point.latency_ms.p99 or 0:.2f} ms"
             )
 
         return asyncio.run(lt.run_load(config, swept, on_progress, on_point))
+
+
+# -- presentation ------------------------------------------------------------------------
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _errors_text(errors: dict[str, int]) -> str:
+    return ", ".join(f"{code} {count}" for code, count in errors.items()) or "0"
+
+
+def report_table(report: Report) -> Table:
+    """A rich Table: one row per run (a sweep has one per point); latencies in ms."""
+    points = report.runs
+    verifying = any(p.verification is not None for p in points)
+    table = Table(title=_title(report), title_justify="left")
+    table.add_column("run")
+    for name in ("q/s", "p50", "p90", "p95", "p99", "max"):
+        table.add_column(name, justify="right")
+    table.add_column("errors")
+    for name in ("batch", "engine", "cpu %", *(["recall"] if verifying else [])):
+        table.add_column(name, justify="right")
+    for p in points:
+        table.add_row(*_row(p), *([_recall_text(p.verification)] if verifying else []))
+    return table
+
+
+def _row(p: RunReport) -> list[str]:
+    lat = p.latency_ms
+    return [
+        _run_label(p),
+        f"{p.throughput_qps:,.0f}",
+        *(_ms(value) for value in (lat.p50, lat.p90, lat.p95, lat.p99, lat.max)),
+        _errors_text(p.errors),
+        _ms(p.mean_batch_size),
+        _ms(p.mean_engine_ms),
+        f"{p.client_cpu_percent:.0f}",
+    ]
+
+
+def _recall_text(verification: Verification | None) -> str:
+    if verification is None:
+        return "-"
+    recall = "-" if verification.recall is None else f"{verification.recall:.4f}"
+    return recall + ("" if verification.exact else " NOT EXACT")
+
+
+def _run_label(point: RunReport) -> str:
+    """E.g. "ws-json c=16 w=4 q=8": mode, connections, in flight (or rate), queries per frame."""
+    rate = point.rate
+    load = f"{rate:g}/s {point.arrival}" if rate else f"w={point.inflight}"
+    multi = f" q={point.multi}" if point.multi > 1 else ""
+    return f"{point.mode} c={point.connections} {load}{multi}"
+
+
+def _title(report: Report) -> str:
+    server, points = report.server, report.runs
+    n, dim, device = (server.n, server.dim, server.device) if server else (None, None, None)
+    sent = sum(p.sent for p in points)
+    unanswered = sum(p.unanswered for p in points)
+    title = (
+        f"{points[0].url}: {n} x {dim} on {device}; {counted(sent, 'query', 'queries')} sent; "
+        "latency, engine time in ms"
+    )
+    if unanswered:
+        title += f", {unanswered:,} unanswered"
+    if any(p.timed_out for p in points):
+        title += " (time limit reached)"
+    return title
+
+
+def status_text(status: LiveStatus) -> str:
+    return (
+        f"{status.phase:<8} {status.elapsed_s:6.1f} s  {status.qps:9,.0f} q/s  "
+        f"{status.in_flight:6d} in flight  {counted(status.errors, 'error')}"
+    )
+
+
+def require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(
+            "--plot needs matplotlib: pip install 'flasma-ws[plot]' (or drop --plot)."
+        ) from exc
+
+
+def draw_plot(report: Report, path: Path) -> None:
+    """Throughput (x) against p99 latency (y), one labelled point per run."""
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    points = _plot_points(report)
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    axes.plot([x for x, _, _ in points], [y for _, y, _ in points], marker="o")
+    for x, y, label in points:
+        axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    axes.set_xlabel("throughput (queries/s)")
+    axes.set_ylabel("p99 latency (ms)")
+    axes.set_title(f"flasma-ws loadtest ({report.runs[0].mode})")
+    axes.grid(True, alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _plot_points(report: Report) -> list[tuple[float, float, str]]:
+    """(q/s, p99 ms, label) of every run that answered something."""
+    from ..loadtest import SweepReport
+
+    name = report.sweep if isinstance(report, SweepReport) else None
+    return [
+        (p.throughput_qps, p.latency_ms.p99, f"{name}={getattr(p, name):g}" if name else p.mode)
+        for p in report.runs
+        if p.latency_ms.p99 is not None
+    ]
