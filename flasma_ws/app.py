@@ -257,20 +257,20 @@ class App:
             await _error(send, *refusal)
         else:
             assert route.handler is not None  # every HTTP route has one
-            await route.handler(self, receive, send)
+            await route.handler(self, scope, receive, send)
 
-    async def _healthz(self, _receive: Any, send: Any) -> None:
+    async def _healthz(self, _scope: Scope, _receive: Any, send: Any) -> None:
         state = self.service.state
         await _respond(send, 200 if state is State.READY else 503, {"status": state.value})
 
-    async def _info(self, _receive: Any, send: Any) -> None:
+    async def _info(self, _scope: Scope, _receive: Any, send: Any) -> None:
         await _respond(send, 200, {**self.service.info, "state": self.service.state.value})
 
-    async def _metrics(self, _receive: Any, send: Any) -> None:
+    async def _metrics(self, _scope: Scope, _receive: Any, send: Any) -> None:
         content_type = [(b"content-type", metrics_module.CONTENT_TYPE.encode())]
         await _respond(send, 200, self.service.metrics.render(), content_type)
 
-    async def _cos(self, receive: Any, send: Any) -> None:
+    async def _cos(self, scope: Scope, receive: Any, send: Any) -> None:
         received = time.perf_counter()
         metrics = self.service.metrics
         try:
@@ -279,7 +279,7 @@ class App:
             future: asyncio.Future[tuple[np.ndarray, np.ndarray] | Failure] = (
                 asyncio.get_running_loop().create_future()
             )
-            self.service.submit(query, lambda result: _settle(future, result))
+            self.service.submit(query, lambda result: _settle(future, result), HttpPeer.of(scope))
             result = await future
         except ProtocolError as exc:
             result = Failure(exc.code, exc.message)
@@ -297,8 +297,23 @@ class App:
         metrics.latency_seconds.labels("cos").observe(time.perf_counter() - received)
 
 
-Handler = Callable[[App, Any, Any], Awaitable[None]]
+Handler = Callable[[App, Scope, Any, Any], Awaitable[None]]
 WEBSOCKET = "WEBSOCKET"  # the method of the WebSocket route: HTTP requests to it get 426
+
+
+@dataclass(frozen=True)
+class HttpPeer:
+    """One keep-alive HTTP connection to /cos, by its client address: a flow of the fair
+    batcher, so that one busy HTTP client waits behind its own queries, not others'. Its
+    requests are never skipped (an HTTP client's departure shows only when we answer)."""
+
+    client: tuple[str, int] | None
+    alive: bool = True
+
+    @classmethod
+    def of(cls, scope: Scope) -> HttpPeer:
+        client = scope.get("client")
+        return cls(tuple(client) if client else None)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

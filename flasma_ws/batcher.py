@@ -2,8 +2,13 @@
 
 Every connection (and POST /cos) submits here. One engine thread computes one batch at a
 time; while it does, new requests gather, and the moment it finishes the next batch (up to
-max_batch query rows, oldest first) is handed over before the previous answers are sent.
-An idle server runs a lone request at once; `max_wait_ms` trades latency for fuller batches.
+max_batch query rows) is handed over before the previous answers are sent. An idle server
+runs a lone request at once; `max_wait_ms` trades latency for fuller batches.
+
+Fair to every client: each submitter (`Owner`, one connection) is a flow of the
+`FairQueue`, batches are formed by round-robin over the flows that have work, oldest first
+within each, and a full queue refuses the flow that holds the most rows, never a flow
+within its fair share (fair_queue.py proves both).
 """
 
 from __future__ import annotations
@@ -11,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,6 +25,7 @@ import numpy as np
 
 from . import protocol
 from .errors import EngineError, Overloaded
+from .fair_queue import FairQueue
 from .metrics import Metrics
 from .settings import BatcherSettings
 
@@ -37,9 +42,13 @@ class SearchEngine(Protocol):
 
 
 class Owner(Protocol):
-    """Whoever submitted a request; requests of an owner that is gone are skipped."""
+    """Whoever submitted a request, hashable: its flow in the fair queue. Requests of an
+    owner that is gone are skipped."""
 
-    alive: bool
+    @property
+    def alive(self) -> bool: ...
+
+    def __hash__(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +103,9 @@ class Batch:
 
 Running = tuple[Batch, "asyncio.Future[list[Failure | None]]"]  # a batch in the engine thread
 INTERNAL_MESSAGE = "The server failed on this request."
+EVICTED_MESSAGE = (
+    "The server is at capacity and this connection holds the most queued queries; retry shortly."
+)
 
 
 class Batcher:
@@ -110,8 +122,7 @@ class Batcher:
         self.max_batch = max_batch
         self.queue_size = settings.queue_size
         self.max_wait_s = settings.max_wait_ms / 1000
-        self._queue: deque[Pending] = deque()
-        self._queued_rows = 0
+        self._queue: FairQueue[Pending] = FairQueue(self.queue_size)
         self._work = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -127,23 +138,35 @@ class Batcher:
         answer: Answer,
         owner: Owner | None = None,
     ) -> None:
-        """Queue a request; raises Overloaded when the queue cannot take all its rows."""
+        """Queue a request; raises Overloaded when the queue cannot take all its rows and
+        its owner is over its fair share (else the heaviest flow's newest requests make room,
+        answered `overloaded`)."""
         count = vectors.shape[0]
-        if self._queued_rows + count > self.queue_size:
-            raise Overloaded(
-                f"The server is at capacity ({counted(self._queued_rows, 'query', 'queries')} "
-                f"queued, limit "
-                f"{self.queue_size}); retry shortly."
-            )
-        self._queue.append(Pending(vectors, k, deadline, answer, owner))
-        self._queued_rows += count
-        self.metrics.queue_depth.set(self._queued_rows)
+        if self._queue.rows + count > self.queue_size:
+            self._make_room(owner, count)
+        self._queue.push(owner, Pending(vectors, k, deadline, answer, owner))
+        self._set_depth()
         self._idle.clear()
         self._work.set()
 
+    def _make_room(self, owner: Owner | None, count: int) -> None:
+        evicted = self._queue.evict_for(owner, count)
+        if evicted is None:
+            raise Overloaded(
+                f"The server is at capacity ({counted(self._queue.rows, 'query', 'queries')} "
+                f"queued, limit {self.queue_size}) and this connection holds more than its "
+                "share; retry shortly."
+            )
+        for pending in evicted:
+            pending.answer(Failure(protocol.OVERLOADED, EVICTED_MESSAGE))
+
+    def _set_depth(self) -> None:
+        self.metrics.queue_depth.set(self._queue.rows)
+        self.metrics.active_flows.set(self._queue.active_flows)
+
     @property
     def queued(self) -> int:
-        return self._queued_rows
+        return self._queue.rows
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="flasma-batcher")
@@ -164,7 +187,7 @@ class Batcher:
         while True:
             if running is None:
                 await self._work.wait()
-                if self.max_wait_s and self._queued_rows < self.max_batch:
+                if self.max_wait_s and self._queue.rows < self.max_batch:
                     await self._gather_more()
                 running = self._launch(self._take())
             else:
@@ -177,7 +200,7 @@ class Batcher:
                 # Hand the engine its next batch before spending loop time on answers.
                 running = self._launch(self._take())
                 self._deliver(batch, failures)
-            if running is None and not self._queue:
+            if running is None and not self._queue.rows:
                 self._idle.set()
 
     def _launch(self, batch: Batch | None) -> Running | None:
@@ -189,7 +212,7 @@ class Batcher:
 
     async def _gather_more(self) -> None:
         deadline = time.monotonic() + self.max_wait_s
-        while self._queued_rows < self.max_batch and (left := deadline - time.monotonic()) > 0:
+        while self._queue.rows < self.max_batch and (left := deadline - time.monotonic()) > 0:
             self._work.clear()
             try:
                 await asyncio.wait_for(self._work.wait(), left)
@@ -197,34 +220,27 @@ class Batcher:
                 break
 
     def _take(self) -> Batch | None:
-        """Up to max_batch rows, oldest first; skips requests of gone owners and expired ones."""
-        batch, now = Batch(), time.monotonic()
-        while self._queue and batch.rows < self.max_batch:
-            pending = self._queue[0]
-            if pending.started == 0 and self._drop_if_stale(pending, now):
-                continue
-            take = min(pending.count - pending.started, self.max_batch - batch.rows)
-            batch.slices.append(Slice(pending, pending.started, pending.started + take))
-            pending.started += take
-            batch.rows += take
-            if pending.started == pending.count:
-                self._queue.popleft()
-        self._queued_rows -= batch.rows
-        self.metrics.queue_depth.set(self._queued_rows)
-        if not self._queue:
+        """Up to max_batch rows, fairly over the flows; skips requests of gone owners and
+        expired ones."""
+        now = time.monotonic()
+        slices = self._queue.take(self.max_batch, lambda pending: self._still_due(pending, now))
+        batch = Batch([Slice(s.request, s.start, s.stop) for s in slices])
+        batch.rows = sum(s.stop - s.start for s in slices)
+        self._set_depth()
+        if not self._queue.rows:
             self._work.clear()
         return batch if batch.slices else None
 
-    def _drop_if_stale(self, pending: Pending, now: float) -> bool:
+    def _still_due(self, pending: Pending, now: float) -> bool:
+        """False (and answered or counted) for a request whose owner left or whose deadline
+        passed before it ran."""
         if pending.owner is not None and not pending.owner.alive:
             self.metrics.skipped.inc(pending.count)
         elif now > pending.deadline:
             pending.answer(Failure(protocol.TIMEOUT, "The deadline passed before the query ran."))
         else:
-            return False
-        self._queue.popleft()
-        self._queued_rows -= pending.count
-        return True
+            return True
+        return False
 
     # -- the engine thread -------------------------------------------------------------
     def _compute(self, batch: Batch) -> list[Failure | None]:

@@ -32,6 +32,9 @@ class Metrics:
         self.queue_depth = Gauge(
             "flasma_queue_depth", "Query rows waiting for the engine.", registry=r
         )
+        self.active_flows = Gauge(
+            "flasma_active_flows", "Connections with queries waiting for the engine.", registry=r
+        )
         self.batch_size = Histogram(
             "flasma_batch_size", "Query rows per engine batch.", buckets=BATCH_BUCKETS, registry=r
         )
