@@ -356,3 +356,138 @@ def _read_id(obj: dict) -> RequestId:
             f"{_MIN_ID} to {_MAX_ID}.",
         )
     return None
+
+
+# -- the client's side: requests out, answers in ------------------------------------------
+U16_MAX = 65_535  # k and count are u16 fields of the binary header
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedRequest:
+    """A request encoded once and sent any number of times, each time with a fresh id.
+
+    `body` is the JSON text after the id (`"embedding":[...],"k":5}`), or for binary frames the
+    header's k/count/timeout fields followed by the float32 vectors.
+    """
+
+    body: bytes
+    count: int
+    multi: bool
+    binary: bool
+
+    def frame(self, request_id: int) -> bytes:
+        """The frame to send: the id, then the body."""
+        if self.binary:
+            return request_id.to_bytes(8, "little") + self.body
+        return b'{"id":%d,' % request_id + self.body
+
+
+def encode_request(
+    vectors: object,
+    k: int | None = None,
+    *,
+    multi: bool = False,
+    binary: bool = False,
+    timeout_ms: int | None = None,
+) -> EncodedRequest:
+    """One query (1-D) or, with multi=True, a (Q, dim) block of queries; ValueError when the
+    shape, or with binary=True k or the count, cannot be sent."""
+    array = _request_array(vectors, multi)
+    count = array.shape[0] if multi else 1
+    if binary:
+        _check_binary_fields(k, count)
+        # The id (the header's first 8 bytes) goes first at send time.
+        frame = encode_binary_query(0, array, k or 0, timeout_ms or 0)
+        return EncodedRequest(frame[8:], count, multi, True)
+    fields: dict[str, object] = {"embeddings" if multi else "embedding": array}
+    fields.update(_optional(k=k, timeout_ms=timeout_ms))
+    encoded = orjson.dumps(fields, option=orjson.OPT_SERIALIZE_NUMPY)
+    return EncodedRequest(encoded[1:], count, multi, False)  # without "{": the id goes first
+
+
+def encode_cos_request(vector: object, k: int | None = None) -> bytes:
+    """A POST /cos body for one query."""
+    fields: dict[str, object] = {"embedding": _request_array(vector, multi=False)}
+    fields.update(_optional(k=k))
+    return orjson.dumps(fields, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _request_array(vectors: object, multi: bool) -> np.ndarray:
+    array = np.ascontiguousarray(vectors, dtype=np.float32)
+    if array.ndim != (2 if multi else 1) or array.size == 0:
+        shape = "(Q, dim)" if multi else "(dim,)"
+        raise ValueError(f"Expected a non-empty array of shape {shape}; got {array.shape}.")
+    return array
+
+
+def _check_binary_fields(k: int | None, count: int) -> None:
+    # k = 0 would silently mean "the server's default" in a binary header.
+    if k is not None and not 1 <= k <= U16_MAX:
+        raise ValueError(f"k must be from 1 to {U16_MAX} in a binary frame; got {k}.")
+    if count > U16_MAX:
+        raise ValueError(f"A binary frame holds at most {U16_MAX} queries; got {count}.")
+
+
+def _optional(**fields: int | None) -> dict[str, int]:
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One decoded answer: a result (int64 `ids` and float32 `scores`, (count, k), best
+    first) or an `error` (code, message).
+
+    `multi`: whether it answers a multi-query frame; None for binary answers, which do not say
+    (a one-row multi-query frame and a single query look alike), so the sender decides.
+    """
+
+    id: RequestId
+    ids: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    error: tuple[str, str] | None = None
+    multi: bool | None = None
+
+
+def decode_answer(data: str | bytes) -> Answer:
+    """A /ws answer frame: bytes are a binary answer, text JSON. ProtocolError(INTERNAL) when
+    it is malformed."""
+    if isinstance(data, bytes):
+        return _decode_binary_answer(data)
+    return decode_cos_answer(data)
+
+
+def decode_cos_answer(body: str | bytes) -> Answer:
+    """A POST /cos answer body (or a /ws JSON answer); ProtocolError(INTERNAL) if malformed."""
+    try:
+        return _decode_json_answer(orjson.loads(body))
+    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(INTERNAL, f"The server's answer is malformed: {exc}") from exc
+
+
+def _decode_binary_answer(data: bytes) -> Answer:
+    try:
+        request_id, rows, scores = Codec.decode_binary_result(data)
+    except (struct.error, ValueError) as exc:
+        raise ProtocolError(INTERNAL, f"The server's binary answer is malformed: {exc}") from exc
+    return Answer(request_id, rows.astype(np.int64), scores.copy())
+
+
+def _decode_json_answer(answer: dict) -> Answer:
+    request_id = answer.get("id")
+    if "error" in answer:
+        error = answer["error"]
+        return Answer(request_id, error=(str(error["code"]), str(error["message"])))
+    multi = "results" in answer
+    ids, scores = _pairs_arrays(answer["results"] if multi else [answer["result"]])
+    return Answer(request_id, ids, scores, multi=multi)
+
+
+def _pairs_arrays(rows: list) -> tuple[np.ndarray, np.ndarray]:
+    """[[[index, score], ...], ...] into (count, k) int64 ids and float32 scores."""
+    array = np.array(rows, dtype=np.float64)  # float32 scores survive the round trip
+    if array.size == 0:
+        empty = (len(rows), 0)
+        return np.empty(empty, np.int64), np.empty(empty, np.float32)
+    if array.ndim != 3 or array.shape[2] != 2:
+        raise ValueError(f"results of shape {array.shape}, expected (count, k, 2)")
+    return array[..., 0].astype(np.int64), array[..., 1].astype(np.float32)
