@@ -4,9 +4,11 @@ Importing the package does not import TensorFlow: the engine loads only when ser
 benchmarking, so clients stay light.
 """
 
-from .client import AuthError, Client, ConnectionLost, SyncClient, TopK, server_info
+from .client import Client, SyncClient, TopK, server_info
 from .errors import (
+    AuthError,
     ConfigError,
+    ConnectionLost,
     EngineError,
     EngineOutOfMemory,
     FlasmaError,

@@ -33,7 +33,7 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
-from .errors import FlasmaError, ServerError
+from .errors import AuthError, ConnectionLost, ServerError
 from .protocol import Codec, encode_binary_query
 from .text import counted
 
@@ -56,20 +56,6 @@ T = TypeVar("T")
 DEFAULT_FRAME_QUERIES = 1024  # the server's default --max-queries-per-frame
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # answers of large multi-query frames exceed 1 MiB
 U16_MAX = 65_535  # k and count are u16 fields of the binary header
-
-
-class ConnectionLost(FlasmaError, ConnectionError):
-    """The server could not be reached, or the connection dropped with requests in flight.
-
-    Also a builtin ConnectionError, so `except ConnectionError` catches it too.
-    """
-
-
-class AuthError(ConnectionLost):
-    """The server refused the token (401) or the browser Origin (403); retrying will not help.
-
-    A ConnectionLost too, so code written before it existed still catches it.
-    """
 
 
 class TopK(NamedTuple):

@@ -62,3 +62,17 @@ class ServerError(FlasmaError):
         self.code = code
         self.message = message
         self.request_id = request_id
+
+
+class ConnectionLost(FlasmaError, ConnectionError):
+    """The server could not be reached, or the connection dropped with requests in flight.
+
+    Also a builtin ConnectionError, so `except ConnectionError` catches it too.
+    """
+
+
+class AuthError(ConnectionLost):
+    """The server refused the token (401) or the browser Origin (403); retrying will not help.
+
+    A ConnectionLost too, so code written before it existed still catches it.
+    """
