@@ -23,7 +23,6 @@ import logging
 import ssl as ssl_module
 import threading
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -34,19 +33,18 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from .errors import AuthError, ConnectionLost, ServerError
-from .protocol import Codec, encode_binary_query
+from .protocol import Answer, EncodedRequest, decode_answer, encode_request
 from .text import counted
 
 __all__ = [
     "AuthError",
     "Client",
+    "Connection",
     "ConnectionLost",
-    "Prepared",
     "ServerError",
     "SyncClient",
     "TopK",
     "http_url",
-    "prepare",
     "server_info",
 ]
 
@@ -55,7 +53,6 @@ T = TypeVar("T")
 
 DEFAULT_FRAME_QUERIES = 1024  # the server's default --max-queries-per-frame
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # answers of large multi-query frames exceed 1 MiB
-U16_MAX = 65_535  # k and count are u16 fields of the binary header
 
 
 class TopK(NamedTuple):
@@ -67,14 +64,6 @@ class TopK(NamedTuple):
     ids: np.ndarray
     scores: np.ndarray
 
-    @classmethod
-    def from_pairs(cls, pairs: list[list[float]]) -> TopK:
-        """From one JSON answer's [[index, score], ...]."""
-        if not pairs:
-            return cls(np.empty(0, np.int64), np.empty(0, np.float32))
-        array = np.array(pairs, dtype=np.float64)  # float32 scores survive the round trip
-        return cls(array[:, 0].astype(np.int64), array[:, 1].astype(np.float32))
-
     def pairs(self) -> list[tuple[int, float]] | list[list[tuple[int, float]]]:
         """As lists of (index, score), like the JSON wire format."""
         if self.ids.ndim == 1:
@@ -82,84 +71,34 @@ class TopK(NamedTuple):
         return [list(zip(i, s)) for i, s in zip(self.ids.tolist(), self.scores.tolist())]
 
 
-@dataclass(frozen=True, slots=True)
-class Prepared:
-    """A request encoded once and sent any number of times (each time with a fresh id).
+class Connection:
+    """One persistent, pipelined WebSocket connection: encoded requests out, answers matched to
+    their futures by id as they arrive, reconnecting with exponential backoff.
 
-    `body` is the JSON text after the id (`"embedding":[...],"k":5}`), or for binary frames the
-    header's k/count/timeout fields followed by the float32 vectors.
-    """
-
-    body: bytes
-    count: int
-    multi: bool
-    binary: bool
-
-
-def prepare(
-    vectors: np.ndarray | Sequence[float] | Sequence[Sequence[float]],
-    k: int | None = None,
-    *,
-    multi: bool = False,
-    binary: bool = False,
-    timeout_ms: int | None = None,
-) -> Prepared:
-    """Encode one query (1-D) or, with multi=True, a (Q, dim) block of queries."""
-    array = np.ascontiguousarray(vectors, dtype=np.float32)
-    expected = 2 if multi else 1
-    if array.ndim != expected or array.size == 0:
-        shape = "(Q, dim)" if multi else "(dim,)"
-        raise ValueError(f"Expected a non-empty array of shape {shape}; got {array.shape}.")
-    count = array.shape[0] if multi else 1
-    if binary:
-        # k = 0 would silently mean "the server's default" in a binary header.
-        if k is not None and not 1 <= k <= U16_MAX:
-            raise ValueError(f"k must be from 1 to {U16_MAX} in a binary frame; got {k}.")
-        if count > U16_MAX:
-            raise ValueError(f"A binary frame holds at most {U16_MAX} queries; got {count}.")
-        # The id (first 8 bytes of the header) is prepended at send time.
-        frame = encode_binary_query(0, array, k or 0, timeout_ms or 0)
-        return Prepared(frame[8:], count, multi, True)
-    request: dict[str, Any] = {"embeddings" if multi else "embedding": array}
-    if k is not None:
-        request["k"] = k
-    if timeout_ms is not None:
-        request["timeout_ms"] = timeout_ms
-    encoded = orjson.dumps(request, option=orjson.OPT_SERIALIZE_NUMPY)
-    return Prepared(encoded[1:], count, multi, False)  # drop "{": "{"id":N," goes first
-
-
-class Client:
-    """An asyncio client on one persistent, pipelined WebSocket connection.
-
-    Connects on first use (or `await client.connect()`); safe to share between tasks of one
-    event loop. `binary=True` sends binary frames (less CPU on both ends than JSON).
+    The load generator's low-level interface (`send` returns the future of the answer, with no
+    task per request); `Client` builds the user's API on it.
     """
 
     def __init__(
         self,
         url: str,
         *,
-        binary: bool = False,
         connect_attempts: int = 5,
         backoff_s: float = 0.1,
         backoff_max_s: float = 2.0,
         open_timeout_s: float = 10.0,
         token: str | None = None,
         ssl: ssl_module.SSLContext | None = None,
-        frame_queries: int = DEFAULT_FRAME_QUERIES,
     ) -> None:
         if connect_attempts < 1:
             raise ValueError("connect_attempts must be at least 1.")
         self.url = url
-        self.binary = binary
         self.connect_attempts = connect_attempts
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
         self.open_timeout_s = open_timeout_s
         self.ssl = ssl  # for wss:// with a private CA; None: the system's defaults
         self._headers = {"Authorization": f"Bearer {token}"} if token is not None else None
-        self.frame_queries = frame_queries
         self._ids = itertools.count(1)
         # id -> (future, multi): a binary answer does not say whether it answers a single
         # query or a one-row multi-query frame, so the shape the caller expects is kept here.
@@ -176,7 +115,8 @@ class Client:
 
     @property
     def in_flight(self) -> int:
-        return len(self._pending)
+        """Requests whose answer someone still awaits (an abandoned one is cancelled)."""
+        return sum(not future.done() for future, _ in self._pending.values())
 
     async def connect(self) -> None:
         """Open the connection if it is not open, retrying with exponential backoff."""
@@ -235,63 +175,9 @@ class Client:
             await asyncio.gather(reader, return_exceptions=True)
         self._fail_pending(ConnectionLost("The client was closed."))
 
-    async def __aenter__(self) -> Client:
-        await self.connect()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    # -- requests ------------------------------------------------------------------------
-    async def query(
-        self,
-        vector: np.ndarray | Sequence[float],
-        k: int | None = None,
-        *,
-        timeout_ms: int | None = None,
-    ) -> TopK:
-        """Top-k of one query vector: TopK with ids (k,) and scores (k,)."""
-        return await self.submit(prepare(vector, k, binary=self.binary, timeout_ms=timeout_ms))
-
-    async def query_many(
-        self,
-        matrix: np.ndarray | Sequence[Sequence[float]],
-        k: int | None = None,
-        *,
-        timeout_ms: int | None = None,
-    ) -> TopK:
-        """Top-k of each row of a (Q, dim) matrix in multi-query frames: ids and scores (Q, k).
-
-        More than `frame_queries` rows are split into several frames, sent pipelined.
-        """
-        array = np.ascontiguousarray(matrix, dtype=np.float32)
-        if array.ndim != 2 or array.shape[0] == 0:
-            raise ValueError(f"Expected a non-empty (Q, dim) matrix; got shape {array.shape}.")
-        step = self.frame_queries
-        frames = [
-            prepare(array[i : i + step], k, multi=True, binary=self.binary, timeout_ms=timeout_ms)
-            for i in range(0, array.shape[0], step)
-        ]
-        if len(frames) == 1:
-            return await self.submit(frames[0])
-        parts = await asyncio.gather(*(self.submit(f) for f in frames), return_exceptions=True)
-        for part in parts:
-            if isinstance(part, BaseException):
-                raise part
-        answers = [p for p in parts if isinstance(p, TopK)]
-        return TopK(
-            np.concatenate([p.ids for p in answers]), np.concatenate([p.scores for p in answers])
-        )
-
-    async def submit(self, prepared: Prepared) -> TopK:
-        """Send a prepared request and wait for its answer."""
-        return await (await self.send(prepared))
-
-    async def send(self, prepared: Prepared) -> asyncio.Future[TopK]:
-        """Send a prepared request; return the future of its answer without waiting for it.
-
-        The load generator's fast path: one frame build, no task per request.
-        """
+    # -- requests ----------------------------------------------------------------------
+    async def send(self, request: EncodedRequest) -> asyncio.Future[TopK]:
+        """Send an encoded request; return the future of its answer without waiting for it."""
         ws = self._ws
         if ws is None:
             await self.connect()
@@ -300,12 +186,9 @@ class Client:
                 raise ConnectionLost(f"The connection to {self.url} closed right after opening.")
         request_id = next(self._ids)
         future: asyncio.Future[TopK] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = (future, prepared.multi)
+        self._pending[request_id] = (future, request.multi)
         try:
-            if prepared.binary:
-                await ws.send(request_id.to_bytes(8, "little") + prepared.body)
-            else:
-                await ws.send(b'{"id":%d,' % request_id + prepared.body, text=True)
+            await ws.send(request.frame(request_id), text=not request.binary)
         except ConnectionClosed as exc:
             self._pending.pop(request_id, None)
             self._drop(ws)
@@ -320,10 +203,7 @@ class Client:
         reason = "closed"
         try:
             async for message in ws:
-                if isinstance(message, bytes):
-                    self._resolve_binary(message)
-                else:
-                    self._resolve_text(message)
+                self._resolve(message)
         except ConnectionClosed as exc:
             reason = _describe(exc)
         except Exception as exc:  # a malformed answer: nothing more on this connection is safe
@@ -342,30 +222,17 @@ class Client:
                 )
             )
 
-    def _resolve_binary(self, message: bytes) -> None:
-        request_id, rows, scores = Codec.decode_binary_result(message)
-        future, multi = self._pending.pop(request_id, _NOBODY)
-        if future is not None and not future.done():
-            ids = rows.astype(np.int64)
-            future.set_result(TopK(ids, scores) if multi else TopK(ids[0], scores[0]))
-
-    def _resolve_text(self, message: str) -> None:
-        answer = orjson.loads(message)
-        future, _ = self._pending.pop(answer.get("id"), _NOBODY)  # type: ignore[arg-type]
+    def _resolve(self, message: str | bytes) -> None:
+        answer = decode_answer(message)
+        future, multi = self._pending.pop(answer.id, _NOBODY)  # type: ignore[arg-type]
         if future is None or future.done():
-            if "error" in answer and answer.get("id") is None:
-                log.warning("The server sent an error with no id: %s", answer["error"])
+            if answer.error is not None and answer.id is None:
+                log.warning("The server sent an error with no id: %s", answer.error)
             return
-        if "error" in answer:
-            error = answer["error"]
-            future.set_exception(ServerError(error["code"], error["message"], answer.get("id")))
-        elif "result" in answer:
-            future.set_result(TopK.from_pairs(answer["result"]))
+        if answer.error is not None:
+            future.set_exception(ServerError(*answer.error, answer.id))
         else:
-            parts = [TopK.from_pairs(result) for result in answer["results"]]
-            future.set_result(
-                TopK(np.stack([p.ids for p in parts]), np.stack([p.scores for p in parts]))
-            )
+            future.set_result(top_k(answer, multi))
 
     def _drop(self, ws: ClientConnection) -> None:
         if self._ws is ws:
@@ -380,6 +247,113 @@ class Client:
 
 
 _NOBODY: tuple[None, bool] = (None, False)  # an answer to a request nobody waits for any more
+
+
+def top_k(answer: Answer, multi: bool) -> TopK:
+    """(Q, k) arrays for a multi-query frame, (k,) for one query. A binary answer does not say
+    which it answers: the shape the sender asked for (`multi`) decides."""
+    ids, scores = answer.ids, answer.scores
+    assert ids is not None and scores is not None
+    return (
+        TopK(ids, scores)
+        if (multi if answer.multi is None else answer.multi)
+        else TopK(ids[0], scores[0])
+    )
+
+
+class Client:
+    """An asyncio client on one persistent, pipelined WebSocket connection.
+
+    Connects on first use (or `await client.connect()`); safe to share between tasks of one
+    event loop. `binary=True` sends binary frames (less CPU on both ends than JSON).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        binary: bool = False,
+        frame_queries: int = DEFAULT_FRAME_QUERIES,
+        **options: Any,
+    ) -> None:
+        """`options`: Connection's (connect_attempts=5, backoff_s=0.1, backoff_max_s=2.0,
+        open_timeout_s=10.0, token=None, ssl=None)."""
+        self.connection = Connection(url, **options)
+        self.url = url
+        self.binary = binary
+        self.frame_queries = frame_queries
+
+    @property
+    def connected(self) -> bool:
+        return self.connection.connected
+
+    @property
+    def in_flight(self) -> int:
+        return self.connection.in_flight
+
+    async def connect(self) -> None:
+        """Open the connection if it is not open, retrying with exponential backoff."""
+        await self.connection.connect()
+
+    async def close(self) -> None:
+        """Close the connection; requests still in flight fail with ConnectionLost."""
+        await self.connection.close()
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def query(
+        self,
+        vector: np.ndarray | Sequence[float],
+        k: int | None = None,
+        *,
+        timeout_ms: int | None = None,
+    ) -> TopK:
+        """Top-k of one query vector: TopK with ids (k,) and scores (k,)."""
+        request = encode_request(vector, k, binary=self.binary, timeout_ms=timeout_ms)
+        return await (await self.connection.send(request))
+
+    async def query_many(
+        self,
+        matrix: np.ndarray | Sequence[Sequence[float]],
+        k: int | None = None,
+        *,
+        timeout_ms: int | None = None,
+    ) -> TopK:
+        """Top-k of each row of a (Q, dim) matrix in multi-query frames: ids and scores (Q, k).
+
+        More than `frame_queries` rows are split into several frames, sent pipelined.
+        """
+        array = np.ascontiguousarray(matrix, dtype=np.float32)
+        if array.ndim != 2 or array.shape[0] == 0:
+            raise ValueError(f"Expected a non-empty (Q, dim) matrix; got shape {array.shape}.")
+        step = self.frame_queries
+        frames = [
+            encode_request(
+                array[i : i + step], k, multi=True, binary=self.binary, timeout_ms=timeout_ms
+            )
+            for i in range(0, array.shape[0], step)
+        ]
+        return _concatenate(await self._gather(frames))
+
+    async def _gather(self, frames: list[EncodedRequest]) -> list[TopK]:
+        """Every frame's answer, pipelined; the first failure raised once all are settled."""
+        sent = [await self.connection.send(frame) for frame in frames]
+        parts = await asyncio.gather(*sent, return_exceptions=True)
+        for part in parts:
+            if isinstance(part, BaseException):
+                raise part
+        return [p for p in parts if isinstance(p, TopK)]
+
+
+def _concatenate(parts: list[TopK]) -> TopK:
+    if len(parts) == 1:
+        return parts[0]
+    return TopK(np.concatenate([p.ids for p in parts]), np.concatenate([p.scores for p in parts]))
 
 
 def _retryable(exc: InvalidStatus) -> bool:
@@ -461,7 +435,14 @@ class SyncClient:
         self.client = Client(url, **options)
 
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(self.timeout_s)
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result(self.timeout_s)
+        except TimeoutError:
+            # Cancel the task on the client's loop too: else it would go on waiting for (and
+            # reconnecting for) an answer nobody will read.
+            future.cancel()
+            raise
 
     def connect(self) -> None:
         self._call(self.client.connect())

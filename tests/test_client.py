@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import numpy as np
 import pytest
 import reference
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.sync.server import ServerConnection as SyncServerConnection
+from websockets.sync.server import serve as sync_serve
 
 from flasma_ws.client import Client, ConnectionLost, SyncClient, TopK, server_info
 from flasma_ws.errors import FlasmaError, ServerError
@@ -166,3 +170,26 @@ def test_server_info(server: BackgroundServer) -> None:
     assert (info["dim"], info["n"]) == (SETTINGS.dim, SETTINGS.demo_size)
     with pytest.raises(ConnectionLost):
         server_info("ws://127.0.0.1:1/ws", timeout_s=1)
+
+
+def test_sync_client_timeout_cancels_the_request_it_abandons() -> None:
+    """A server that reads requests and never answers: the timeout raises, and the request
+    left behind on the client's loop is cancelled rather than awaited forever."""
+
+    def silent(connection: SyncServerConnection) -> None:
+        for _ in connection:
+            pass
+
+    with sync_serve(silent, "127.0.0.1", 0) as listener:
+        thread = threading.Thread(target=listener.serve_forever, daemon=True)
+        thread.start()
+        url = f"ws://127.0.0.1:{listener.socket.getsockname()[1]}/ws"
+        with SyncClient(url, timeout_s=0.3, connect_attempts=1) as client:
+            with pytest.raises(TimeoutError):
+                client.query(np.ones(4), k=1)
+            deadline = time.monotonic() + 5
+            while client.client.in_flight and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert client.client.in_flight == 0
+        listener.shutdown()
+        thread.join(5)

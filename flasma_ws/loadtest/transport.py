@@ -11,10 +11,10 @@ import asyncio
 from typing import Protocol
 
 import httpx
-import orjson
 
-from ..client import Client, ConnectionLost, TopK
+from ..client import Connection, ConnectionLost, TopK, top_k
 from ..errors import ServerError
+from ..protocol import decode_cos_answer
 from .config import LoadConfig
 from .remote import ServerUnderTest, http_client
 from .workload import Workload
@@ -57,22 +57,20 @@ async def exchange(transport: Transport, frame: int) -> tuple[str, TopK | None]:
 
 
 class WsTransport:
-    """One pipelined WebSocket `Client`: any number of frames in flight."""
+    """One pipelined WebSocket `Connection`: any number of frames in flight."""
 
-    def __init__(
-        self, server: ServerUnderTest, workload: Workload, binary: bool, token: str | None
-    ):
-        self.client = Client(server.ws_url, binary=binary, connect_attempts=2, token=token)
+    def __init__(self, server: ServerUnderTest, workload: Workload, token: str | None) -> None:
+        self.connection = Connection(server.ws_url, connect_attempts=2, token=token)
         self.frames = workload.frames
 
     async def open(self) -> None:
-        await self.client.connect()
+        await self.connection.connect()
 
     async def send(self, frame: int) -> asyncio.Future[TopK]:
-        return await self.client.send(self.frames[frame])  # type: ignore[arg-type]
+        return await self.connection.send(self.frames[frame])  # type: ignore[arg-type]
 
     async def close(self) -> None:
-        await self.client.close()
+        await self.connection.close()
 
 
 class HttpTransport:
@@ -105,12 +103,12 @@ class HttpTransport:
                 response = await self.client.post(self.url, content=body, headers=_JSON)
             except httpx.HTTPError as exc:
                 raise ConnectionLost(f"POST {self.url} failed: {exc}") from exc
-        answer = orjson.loads(response.content)
-        if response.status_code == 200:
-            return TopK.from_pairs(answer["result"])
-        error = (answer.get("error") if isinstance(answer, dict) else None) or {}
-        code = error.get("code", f"http_{response.status_code}")
-        raise ServerError(code, error.get("message", f"HTTP {response.status_code}"))
+        answer = decode_cos_answer(response.content)
+        if answer.error is not None:
+            raise ServerError(*answer.error)
+        if response.status_code != 200:
+            raise ServerError(f"http_{response.status_code}", f"HTTP {response.status_code}")
+        return top_k(answer, multi=False)
 
     async def close(self) -> None:
         for task in self.tasks:
@@ -123,7 +121,4 @@ def transports(server: ServerUnderTest, workload: Workload, config: LoadConfig) 
     """One transport per connection of the run."""
     if config.http:
         return [HttpTransport(server, workload, config.token) for _ in range(config.connections)]
-    return [
-        WsTransport(server, workload, config.binary, config.token)
-        for _ in range(config.connections)
-    ]
+    return [WsTransport(server, workload, config.token) for _ in range(config.connections)]

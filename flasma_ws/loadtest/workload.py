@@ -6,13 +6,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import orjson
 
-from ..client import Prepared, prepare
 from ..errors import ConfigError
+from ..protocol import EncodedRequest, encode_cos_request, encode_request
 from .config import LoadConfig
 
 MIN_POOL = 1024  # distinct random queries cycled through during a run
@@ -23,7 +21,7 @@ class Workload:
     """The query pool (rows × dim) and its frames: frame j holds rows [j*multi, (j+1)*multi)."""
 
     queries: np.ndarray
-    frames: list[Prepared] | list[bytes]  # bytes: POST /cos bodies
+    frames: list[EncodedRequest] | list[bytes]  # bytes: POST /cos bodies
     multi: int
     verify_frames: int  # frames 0..verify_frames-1 hold the rows to verify
 
@@ -62,20 +60,13 @@ def _full_frames(queries: np.ndarray, multi: int) -> np.ndarray:
     return queries if padded == len(queries) else queries[np.arange(padded) % len(queries)]
 
 
-def _encode(config: LoadConfig, queries: np.ndarray) -> list[Prepared] | list[bytes]:
+def _encode(config: LoadConfig, queries: np.ndarray) -> list[EncodedRequest] | list[bytes]:
     multi = config.multi
     if config.http:
-        return [_cos_body(q, config.k) for q in queries]
+        return [encode_cos_request(q, config.k) for q in queries]
     if multi == 1:
-        return [prepare(q, config.k, binary=config.binary) for q in queries]
+        return [encode_request(q, config.k, binary=config.binary) for q in queries]
     return [
-        prepare(queries[i : i + multi], config.k, multi=True, binary=config.binary)
+        encode_request(queries[i : i + multi], config.k, multi=True, binary=config.binary)
         for i in range(0, len(queries), multi)
     ]
-
-
-def _cos_body(query: np.ndarray, k: int | None) -> bytes:
-    body: dict[str, Any] = {"embedding": query}
-    if k is not None:
-        body["k"] = k
-    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
