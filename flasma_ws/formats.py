@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .errors import VectorFileError
-from .vectors import Progress, Targets, VectorSource, open_npy, source_from_array
+from .vectors import RowsDone, Targets, VectorSource, open_npy, source_from_array
 
 OutLayout = Literal["standard", "legacy"]
 FORMATS = {".npy": "npy", ".npz": "npz", ".fvecs": "fvecs", ".hdf5": "hdf5", ".h5": "hdf5"}
@@ -248,7 +248,7 @@ def write_npy(
     targets: Targets,
     out: str | Path,
     layout: OutLayout = "standard",
-    progress: Progress | None = None,
+    progress: RowsDone | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write the normalized float32 rows as a standard (N, dim) or legacy (dim*N,) `.npy`.
@@ -276,7 +276,7 @@ def write_npy(
 
 
 def _fill(
-    mapped: np.ndarray, targets: Targets, layout: OutLayout, progress: Progress | None
+    mapped: np.ndarray, targets: Targets, layout: OutLayout, progress: RowsDone | None
 ) -> None:
     # Legacy is the transposed matrix flattened: row j of the input is column j of (dim, N).
     dest = mapped if layout == "standard" else mapped.reshape(targets.dim, targets.n)

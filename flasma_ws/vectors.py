@@ -20,7 +20,7 @@ from .errors import VectorFileError
 from .text import counted
 
 Layout = Literal["standard", "legacy", "demo"]
-Progress = Callable[[int], None]  # called with the number of rows just processed
+RowsDone = Callable[[int], None]  # called with the number of rows just processed
 
 CHUNK_BYTES = 32 * 1024 * 1024  # per chunk read: bounded temporaries whatever the dim
 DEMO_CHUNK_VALUES = 1 << 20  # demo rows come from one RNG stream per ~4 MiB, so slices are cheap
@@ -327,7 +327,7 @@ class Targets:
                 yield written, normalize_rows(block[kept - start])
                 written += kept.size
 
-    def fill_columns(self, out: np.ndarray, first: int, progress: Progress | None = None) -> None:
+    def fill_columns(self, out: np.ndarray, first: int, progress: RowsDone | None = None) -> None:
         """Write normalized kept rows first..first+width as the columns of `out` (dim, width),
         chunk by chunk, without an intermediate chunk when no row was dropped."""
         width = out.shape[1]
@@ -363,7 +363,7 @@ class Targets:
 
 
 def prepare(
-    source: VectorSource, drop_zero: bool = False, progress: Progress | None = None
+    source: VectorSource, drop_zero: bool = False, progress: RowsDone | None = None
 ) -> Targets:
     """Scan every row once: refuse NaN/Inf, find zero-norm rows, refuse or drop them."""
     if source.layout == "demo":
@@ -413,7 +413,7 @@ def open_targets(
     demo_size: int = 10_000,
     demo_seed: int = 0,
     drop_zero: bool = False,
-    progress: Progress | None = None,
+    progress: RowsDone | None = None,
 ) -> Targets:
     """Open and validate what the settings name: a file, or the demo set when npy is None."""
     if npy is None:

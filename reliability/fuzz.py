@@ -53,7 +53,7 @@ MAX_SHOWN = 12
 
 
 @dataclass
-class Target:
+class ServerLimits:
     """What the server tells /info: enough to build valid frames."""
 
     dim: int
@@ -122,7 +122,7 @@ class Report:
 class Frames:
     """Valid requests with unique random ids, and their mutations."""
 
-    def __init__(self, target: Target, rng: random.Random) -> None:
+    def __init__(self, target: ServerLimits, rng: random.Random) -> None:
         self.target = target
         self.rng = rng
         self.used: set[object] = set()
@@ -645,7 +645,7 @@ async def send_all(
 
 
 def frame_stream(
-    target: Target, seed: int, count: int, config: Config, deadline: float
+    target: ServerLimits, seed: int, count: int, config: Config, deadline: float
 ) -> Iterator[Sent]:
     frames = Frames(target, random.Random(seed))
     for _ in range(count):
@@ -658,7 +658,7 @@ async def fuzz(url: str, http_url: str, config: Config) -> Report:
     report = Report()
     auth = {"Authorization": f"Bearer {config.token}"} if config.token else {}
     info = httpx.get(f"{http_url}/info", headers=auth, timeout=10).raise_for_status().json()
-    target = Target(info["dim"], info["max_k"], info["max_queries_per_frame"])
+    target = ServerLimits(info["dim"], info["max_k"], info["max_queries_per_frame"])
     before = open_connections(http_url)
     started = time.monotonic()
     deadline = started + config.max_seconds

@@ -15,14 +15,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .. import formats
 from ..errors import FlasmaError
 from ..text import counted
-from ..vectors import Progress as RowProgress
-from ..vectors import Targets, VectorSource, prepare
+from ..vectors import RowsDone, Targets, VectorSource, prepare
 from . import app, err_console, fail
 
 # Inputs of at least this many values (64 MiB as float32) get a progress bar.
 PROGRESS_MIN_VALUES = 1 << 24
 
-TaskFactory = Callable[[str, int], RowProgress | None]
+TaskFactory = Callable[[str, int], RowsDone | None]
 
 
 class OutLayout(str, Enum):
@@ -143,7 +142,7 @@ def _progress(enabled: bool) -> Iterator[TaskFactory]:
     )
     with Progress(*columns, console=err_console) as bar:
 
-        def task(description: str, total: int) -> RowProgress:
+        def task(description: str, total: int) -> RowsDone:
             task_id = bar.add_task(f"{description} rows", total=total)
             return lambda rows: bar.advance(task_id, rows)
 
