@@ -25,7 +25,7 @@ import numpy as np
 
 from . import protocol
 from .errors import EngineError, Overloaded
-from .fair_queue import FairQueue
+from .fair_queue import FairQueue, Slice
 from .metrics import Metrics
 from .settings import BatcherSettings
 
@@ -88,16 +88,9 @@ class Pending:
         self.scores[start : start + rows.shape[0]] = scores[:, : self.k]
 
 
-@dataclass(slots=True)
-class Slice:
-    pending: Pending
-    start: int
-    stop: int
-
-
 @dataclass
 class Batch:
-    slices: list[Slice] = field(default_factory=list)
+    slices: list[Slice[Pending]] = field(default_factory=list)  # rows start..stop of requests
     rows: int = 0
 
 
@@ -224,8 +217,7 @@ class Batcher:
         expired ones."""
         now = time.monotonic()
         slices = self._queue.take(self.max_batch, lambda pending: self._still_due(pending, now))
-        batch = Batch([Slice(s.request, s.start, s.stop) for s in slices])
-        batch.rows = sum(s.stop - s.start for s in slices)
+        batch = Batch(slices, sum(s.stop - s.start for s in slices))
         self._set_depth()
         if not self._queue.rows:
             self._work.clear()
@@ -245,8 +237,8 @@ class Batcher:
     # -- the engine thread -------------------------------------------------------------
     def _compute(self, batch: Batch) -> list[Failure | None]:
         """Runs in the engine thread: one search for the whole batch, split on failure."""
-        vectors = np.concatenate([s.pending.vectors[s.start : s.stop] for s in batch.slices])
-        k = max(s.pending.k for s in batch.slices)
+        vectors = np.concatenate([s.request.vectors[s.start : s.stop] for s in batch.slices])
+        k = max(s.request.k for s in batch.slices)
         started = time.perf_counter()
         rows, scores, ok = self._search_split(vectors, k)
         self.metrics.engine_seconds.observe(time.perf_counter() - started)
@@ -256,7 +248,7 @@ class Batcher:
         for s in batch.slices:
             width = s.stop - s.start
             if ok[offset : offset + width].all():
-                s.pending.store(
+                s.request.store(
                     s.start, rows[offset : offset + width], scores[offset : offset + width]
                 )
                 failures.append(None)
@@ -285,7 +277,7 @@ class Batcher:
     # -- answering (event loop) --------------------------------------------------------
     def _deliver(self, batch: Batch, failures: list[Failure | None]) -> None:
         for s, failure in zip(batch.slices, failures):
-            pending = s.pending
+            pending = s.request
             pending.finished += s.stop - s.start
             if failure is not None and pending.failed is None:
                 pending.failed = failure
