@@ -70,6 +70,7 @@ class Pending:
     answer: Answer
     owner: Owner | None
     count: int = field(init=False)  # query rows, from vectors
+    queued_at: float = field(init=False)  # time.monotonic() when submitted
     started: int = 0  # rows already handed to the engine
     finished: int = 0
     rows: np.ndarray | None = None
@@ -78,6 +79,7 @@ class Pending:
 
     def __post_init__(self) -> None:
         self.count = int(self.vectors.shape[0])
+        self.queued_at = time.monotonic()
 
     def store(self, start: int, rows: np.ndarray, scores: np.ndarray) -> None:
         if self.rows is None:
@@ -218,6 +220,9 @@ class Batcher:
         now = time.monotonic()
         slices = self._queue.take(self.max_batch, lambda pending: self._still_due(pending, now))
         batch = Batch(slices, sum(s.stop - s.start for s in slices))
+        for s in slices:
+            if s.start == 0:  # a request's first rows: how long it waited for the engine
+                self.metrics.queue_wait_seconds.observe(now - s.request.queued_at)
         self._set_depth()
         if not self._queue.rows:
             self._work.clear()

@@ -35,6 +35,12 @@ class Metrics:
         self.active_flows = Gauge(
             "flasma_active_flows", "Connections with queries waiting for the engine.", registry=r
         )
+        self.queue_wait_seconds = Histogram(
+            "flasma_queue_wait_seconds",
+            "From a request queued to its first rows handed to the engine.",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.batch_size = Histogram(
             "flasma_batch_size", "Query rows per engine batch.", buckets=BATCH_BUCKETS, registry=r
         )

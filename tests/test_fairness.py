@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import numpy as np
 import orjson
 import websockets
 from reference import assert_exact, pairs_to_arrays
 
+from flasma_ws.metrics import read_samples
 from flasma_ws.settings import Settings
 
 DIM, N = 64, 300_000
@@ -62,6 +64,9 @@ async def test_a_light_client_is_answered_before_a_heavy_backlog(server, matrix)
     assert answer["id"] == "light"
     assert_exact(matrix, light, *pairs_to_arrays(answer["result"]), k=5)
     assert answered_before <= 1  # first-in, first-out would have answered all 3 first
+    samples = read_samples(httpx.get(f"{server.http_url}/metrics").text)
+    assert samples["flasma_queue_wait_seconds_count"] >= 4  # 3 heavy frames and the light one
+    assert samples["flasma_active_flows"] == 0  # all answered: no flow waits
     for got in heavy_answers:  # the heavy client still gets every answer, exact
         frame = heavy_frames[got["id"]]
         rows = np.array([[p[0] for p in r] for r in got["results"]])
