@@ -2,7 +2,6 @@
 
     python -m reliability.fairness                       # this checkout's server
     python -m reliability.fairness --server-src OLD_DIR  # another checkout's, for before/after
-                                                         # (run from outside both checkouts)
 
 One server (`serve --dim 100 --demo-size 100000`), then, through the real `flasma-ws
 loadtest` (one process per client fleet):
@@ -19,25 +18,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from flasma_ws.testing import launch, wait_ready
+from flasma_ws.testing import ServerProcess, launch, wait_ready
 
 LOADTEST = [sys.executable, "-m", "flasma_ws", "loadtest"]
 WIDE = ("--connections", "64", "--inflight", "16")
 HEAVY = ("--connections", "8", "--inflight", "1024")
 LIGHT = ("--connections", "1", "--inflight", "1")
+SERVE_ARGS = ("--dim", "100", "--demo-size", "100000")
 KEPT = ("throughput_qps", "latency_ms", "errors", "mean_batch_size", "mean_engine_ms")
 
 
 def loadtest(url: str, out: Path, seconds: float, *fleet: str) -> subprocess.Popen[bytes]:
     command = [*LOADTEST, "--url", url, "--warmup", "1", "--json-out", str(out)]
+    # cwd: out's folder, so that `-m flasma_ws` is the installed package, not a checkout's
     return subprocess.Popen(
-        [*command, *fleet, "--duration", str(seconds)], stdout=subprocess.DEVNULL
+        [*command, *fleet, "--duration", str(seconds)], stdout=subprocess.DEVNULL, cwd=out.parent
     )
 
 
@@ -83,17 +85,29 @@ def verdicts(results: dict[str, dict]) -> list[str]:
     ]
 
 
+def start_server(workdir: Path, source: Path | None) -> ServerProcess:
+    """`serve` from this package, or from the checkout `source` (`-m` puts the working
+    directory first on sys.path, so that server starts in that checkout)."""
+    if source is None:
+        return launch(workdir / "serve.log", *SERVE_ARGS)
+    here = os.getcwd()
+    source = source.resolve()
+    os.chdir(source)
+    try:
+        return launch(workdir / "serve.log", *SERVE_ARGS, env={"PYTHONPATH": str(source)})
+    finally:
+        os.chdir(here)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--server-src", type=Path, help="run the server from this checkout")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
-    env = {"PYTHONPATH": str(args.server_src.resolve())} if args.server_src else None
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        args_ = ("--dim", "100", "--demo-size", "100000")
-        server = wait_ready(launch(workdir / "serve.log", *args_, env=env))
+        server = wait_ready(start_server(workdir, args.server_src))
         try:
             results = measure(server.url, workdir, args.seconds)
         finally:

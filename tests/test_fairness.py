@@ -92,3 +92,12 @@ async def test_a_full_queue_refuses_the_heavy_client_not_a_light_one(server, mat
     codes = [got["error"]["code"] for got in heavy_answers if "error" in got]
     assert codes and set(codes) == {"overloaded"}  # the heavy client pays for its backlog
     assert len(heavy_answers) == 12 and {got["id"] for got in heavy_answers} == set(range(12))
+
+
+def test_what_loading_made_is_frozen_out_of_the_collector(server):
+    """TensorFlow's ~330k objects would make each full collection a ~235 ms pause of every
+    client (the light client's p99 beside a heavy one); frozen once the server is ready."""
+    import gc
+
+    assert server.service.batcher is not None  # ready
+    assert gc.get_freeze_count() > 100_000
