@@ -47,20 +47,28 @@ async def answers(ws, count: int, into: list[dict]) -> None:
         into.append(orjson.loads(await ws.recv()))
 
 
-async def test_a_light_client_is_answered_before_a_heavy_backlog(server, matrix):
-    heavy_frames = [queries(64, seed=s) for s in range(3)]  # 192 rows: 6 batches of 32
-    light = queries(1, seed=99)
+async def heavy_then_light(server, heavy_frames, light, backlog_rows):
+    """The heavy client's frames, then (once `backlog_rows` are queued) the light query on a
+    second connection: (the light answer, the heavy answers, heavy answers seen before it)."""
     heavy_answers: list[dict] = []
     async with websockets.connect(server.url) as heavy, websockets.connect(server.url) as lone:
         await send_frames(heavy, heavy_frames)
-        reading = asyncio.ensure_future(answers(heavy, 3, heavy_answers))
-        await queued_at_least(server, 150)
-        await lone.send(
-            orjson.dumps({"id": "light", "embedding": light[0].tolist(), "k": 5}).decode()
-        )
+        reading = asyncio.ensure_future(answers(heavy, len(heavy_frames), heavy_answers))
+        await queued_at_least(server, backlog_rows)
+        request = {"id": "light", "embedding": light[0].tolist(), "k": 5}
+        await lone.send(orjson.dumps(request).decode())
         answer = orjson.loads(await lone.recv())
         answered_before = len(heavy_answers)
         await reading
+    return answer, heavy_answers, answered_before
+
+
+async def test_a_light_client_is_answered_before_a_heavy_backlog(server, matrix):
+    heavy_frames = [queries(64, seed=s) for s in range(3)]  # 192 rows: 6 batches of 32
+    light = queries(1, seed=99)
+    answer, heavy_answers, answered_before = await heavy_then_light(
+        server, heavy_frames, light, 150
+    )
     assert answer["id"] == "light"
     assert_exact(matrix, light, *pairs_to_arrays(answer["result"]), k=5)
     assert answered_before <= 1  # first-in, first-out would have answered all 3 first
@@ -77,16 +85,7 @@ async def test_a_light_client_is_answered_before_a_heavy_backlog(server, matrix)
 async def test_a_full_queue_refuses_the_heavy_client_not_a_light_one(server, matrix):
     heavy_frames = [queries(32, seed=10 + s) for s in range(12)]  # 384 rows for 256 places
     light = queries(1, seed=7)
-    heavy_answers: list[dict] = []
-    async with websockets.connect(server.url) as heavy, websockets.connect(server.url) as lone:
-        await send_frames(heavy, heavy_frames)
-        reading = asyncio.ensure_future(answers(heavy, 12, heavy_answers))
-        await queued_at_least(server, 200)
-        await lone.send(
-            orjson.dumps({"id": "light", "embedding": light[0].tolist(), "k": 5}).decode()
-        )
-        answer = orjson.loads(await lone.recv())
-        await reading
+    answer, heavy_answers, _ = await heavy_then_light(server, heavy_frames, light, 200)
     assert "error" not in answer, answer  # within its share: never refused for another's backlog
     assert_exact(matrix, light, *pairs_to_arrays(answer["result"]), k=5)
     codes = [got["error"]["code"] for got in heavy_answers if "error" in got]
