@@ -34,6 +34,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from .errors import AuthError, ConnectionLost, ServerError
 from .protocol import Answer, EncodedRequest, decode_answer, encode_request
+from .settings import LimitSettings
 from .text import counted
 
 __all__ = [
@@ -51,7 +52,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DEFAULT_FRAME_QUERIES = 1024  # the server's default --max-queries-per-frame
+DEFAULT_FRAME_QUERIES = LimitSettings().max_queries_per_frame  # the server's default
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # answers of large multi-query frames exceed 1 MiB
 
 
