@@ -37,11 +37,11 @@ from typing import Any
 
 import numpy as np
 
-# isort: off
 from . import tf_runtime  # first: it sets oneDNN and the log level before TensorFlow loads
-import tensorflow as tf
 
-# isort: on
+with tf_runtime.quiet_import():
+    import tensorflow as tf
+
 from .blas_search import MAX_ROWS as BLAS_MAX_ROWS
 from .blas_search import BlasSearch
 from .errors import ConfigError, EngineError, EngineOutOfMemory

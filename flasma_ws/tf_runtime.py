@@ -9,14 +9,20 @@ float32 MatMul runs on Eigen: on an AVX2-only AMD EPYC (Zen 3) a (128 x 100) @ (
 product ran at ~24 GFLOP/s against ~69 with oneDNN, and the engine at batch 128 gave 1,415
 against 4,631 q/s (docs/benchmarks.md). oneDNN is therefore on unless the user says otherwise.
 
-Log level: TF_CPP_MIN_LOG_LEVEL=2 hides TensorFlow's C++ INFO and WARNING lines (lines
-logged before absl's logging is initialized still reach stderr).
+Log level: TF_CPP_MIN_LOG_LEVEL hides TensorFlow's C++ log lines below it (the CLI sets 3
+unless `--log-level debug`; 2 where nobody set it). Lines logged while TensorFlow's libraries
+load, before absl's logging is initialized ("oneDNN custom operations are on", "Could not find
+cuda drivers"), ignore the variable: `quiet_import()` filters those by the same level.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 ONEDNN_VAR = "TF_ENABLE_ONEDNN_OPTS"
@@ -57,3 +63,52 @@ def onednn_state() -> OneDnnState:
 if not _IMPORTED_FIRST:
     os.environ.setdefault(ONEDNN_VAR, "1")
     os.environ.setdefault(LOG_LEVEL_VAR, "2")
+
+
+# absl's line format ("I0000 00:00:1796160798.644425    2569 port.cc:153] ..."), and the
+# notice absl prints once before it is initialized.
+_NATIVE_LINE = re.compile(rb"^([IWEF])\d{4} [\d:.]+ +\d+ [^\]\s]+\] ")
+_PRE_INIT = b"WARNING: All log messages before absl::InitializeLog() is called"
+_LEVELS = {b"I": 0, b"W": 1, b"E": 2, b"F": 3}
+
+
+def _hidden(line: bytes, min_level: int) -> bool:
+    if line.startswith(_PRE_INIT):
+        return min_level >= 1
+    match = _NATIVE_LINE.match(line)
+    return match is not None and _LEVELS[match.group(1)] < min_level
+
+
+def _pass_through(pipe: int, stderr: int, min_level: int) -> None:
+    """Copy what reaches the pipe to the real stderr, less the native lines to hide."""
+    with os.fdopen(pipe, "rb") as lines:
+        for line in lines:
+            if not _hidden(line, min_level):
+                os.write(stderr, line)
+
+
+@contextlib.contextmanager
+def quiet_import() -> Iterator[None]:
+    """While TensorFlow imports, route file descriptor 2 through a filter that drops its native
+    log lines below TF_CPP_MIN_LOG_LEVEL. Everything else written to stderr meanwhile (our
+    own log lines from other threads, real errors) passes through, in order."""
+    try:
+        min_level = int(os.environ.get(LOG_LEVEL_VAR, "0"))
+    except ValueError:
+        min_level = 0
+    if min_level <= 0:
+        yield
+        return
+    sys.stderr.flush()
+    saved, (pipe, sink) = os.dup(2), os.pipe()
+    os.dup2(sink, 2)
+    os.close(sink)
+    copier = threading.Thread(target=_pass_through, args=(pipe, saved, min_level), daemon=True)
+    copier.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last writer closes: the copier sees its end
+        copier.join(timeout=5)
+        os.close(saved)
