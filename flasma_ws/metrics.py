@@ -57,6 +57,27 @@ class Metrics:
         self.connections = Gauge(
             "flasma_open_connections", "Open WebSocket connections.", registry=r
         )
+        self.tcp_connections = Gauge(
+            "flasma_tcp_connections",
+            "Open TCP connections by state: handshaking (request head not complete), http, "
+            "websocket.",
+            ["state"],
+            registry=r,
+        )
+        for state in ("handshaking", "http", "websocket"):
+            self.tcp_connections.labels(state)  # every state shows, 0 included
+        self.connections_refused = Counter(
+            "flasma_connections_refused",
+            "Connections refused by reason: max_connections, max_connections_per_ip.",
+            ["reason"],
+            registry=r,
+        )
+        self.connections_timed_out = Counter(
+            "flasma_connections_timed_out",
+            "Connections closed by a timeout, by stage (request_head).",
+            ["stage"],
+            registry=r,
+        )
         self.skipped = Counter(
             "flasma_skipped_queries",
             "Queued queries skipped because their client left.",

@@ -21,6 +21,13 @@ from types import FrameType
 
 import uvicorn
 
+from .admission import (
+    Guard,
+    Limits,
+    default_max_connections,
+    guarded_protocols,
+    raise_open_file_limit,
+)
 from .app import App
 from .errors import ConfigError, FlasmaError
 from .service import Service
@@ -29,13 +36,14 @@ from .settings import Settings
 log = logging.getLogger("flasma_ws")
 
 
-def uvicorn_config(settings: Settings, app: App) -> uvicorn.Config:
+def uvicorn_config(settings: Settings, app: App, guard: Guard) -> uvicorn.Config:
+    http, ws = guarded_protocols(guard)  # uvicorn's httptools and websockets-sansio, guarded
     return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
-        http="httptools",
-        ws="websockets-sansio",
+        http=http,
+        ws=ws,
         ws_max_size=settings.max_frame_bytes,
         ws_per_message_deflate=settings.ws_compression,
         lifespan="on",
@@ -77,7 +85,8 @@ class FlasmaServer(uvicorn.Server):
         self._draining: asyncio.Task[None] | None = None
         self.event_loop: asyncio.AbstractEventLoop | None = None
         self.app = App(self.service)
-        super().__init__(uvicorn_config(settings, self.app))
+        self.guard = Guard(connection_limits(settings), self.service.metrics)
+        super().__init__(uvicorn_config(settings, self.app, self.guard))
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self.event_loop = asyncio.get_running_loop()
@@ -127,6 +136,14 @@ class FlasmaServer(uvicorn.Server):
     async def _drain_in_order(self) -> None:
         await self.service.drain()  # every queued request answered
         await self.app.close_connections(1001)  # then each WebSocket, after its answers
+
+
+def connection_limits(settings: Settings) -> Limits:
+    """The connection limits in force; raises the soft open-file limit to the hard one first,
+    since the default --max-connections is a share of it."""
+    open_files = raise_open_file_limit()
+    limit = settings.max_connections or default_max_connections(open_files)
+    return Limits(limit, settings.max_connections_per_ip, settings.handshake_timeout_s)
 
 
 def serve(settings: Settings, started: float | None = None) -> None:

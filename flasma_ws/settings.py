@@ -119,7 +119,19 @@ class LimitSettings:
     max_body_bytes: int = setting(4 * 1024 * 1024, "Largest POST /cos body, in bytes (413 beyond).")
     max_connections: int | None = setting(
         None,
-        "Most open WebSocket connections; more are refused with 503 (default: no limit).",
+        "Most open TCP connections, handshaking, HTTP or WebSocket; beyond it (and 4 slots kept "
+        "for /healthz and /metrics) new ones get 503 and are closed (default: 80 % of the "
+        "open-file limit, which start-up raises to its hard limit, less those 4).",
+    )
+    max_connections_per_ip: int = setting(
+        256,
+        "Most open TCP connections from one client address (raise it behind a proxy or NAT, "
+        "where many clients share one address).",
+    )
+    handshake_timeout_s: float = setting(
+        10.0,
+        "Seconds a connection has to send a complete HTTP request head (for /ws: the "
+        "WebSocket handshake request); closed after.",
     )
 
 
@@ -214,6 +226,7 @@ class Settings:
             "max_frame_bytes": self.max_frame_bytes,
             "max_queries_per_frame": self.max_queries_per_frame,
             "max_body_bytes": self.max_body_bytes,
+            "max_connections_per_ip": self.max_connections_per_ip,
         }
         for name, value in positive.items():
             if value < 1:
@@ -236,6 +249,10 @@ class Settings:
         ):
             if seconds < 0:
                 raise ConfigError(f"{flag} must not be negative, got {seconds:g}.")
+        if not self.handshake_timeout_s > 0:
+            raise ConfigError(
+                f"--handshake-timeout-s must be more than 0, got {self.handshake_timeout_s:g}."
+            )
         if not 0 <= self.port <= MAX_PORT:
             raise ConfigError(
                 f"--port must be from 0 to {MAX_PORT} (0 = any free port), got {self.port}."

@@ -37,3 +37,43 @@ def test_our_attributes_do_not_shadow_uvicorns() -> None:
     bare = uvicorn.Server(uvicorn.Config(app=lambda *_: None))
     assert not ours & (vars(bare).keys() | set(dir(uvicorn.Server)))
     assert set(dir(FlasmaServer)) >= {"handle_exit", "begin_drain"}
+
+
+def test_the_protocol_hooks_that_admission_overrides_exist():
+    """flasma_ws/admission.py subclasses uvicorn's httptools and websockets-sansio protocols:
+    it counts a connection in connection_made, gives the slot back in connection_lost (the
+    WebSocket protocol's, once handle_websocket_upgrade has moved the transport to it), and
+    times the request head from on_message_begin to on_headers_complete."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    hooks = {
+        "connection_made": ["self", "transport"],
+        "connection_lost": ["self", "exc"],
+        "data_received": ["self", "data"],
+        "on_message_begin": ["self"],
+        "on_headers_complete": ["self"],
+        "on_body": ["self", "body"],
+        "on_message_complete": ["self"],
+        "handle_websocket_upgrade": ["self"],
+        "_should_upgrade": ["self"],
+    }
+    for name, params in hooks.items():
+        assert list(inspect.signature(getattr(HttpToolsProtocol, name)).parameters) == params
+    upgrade = inspect.getsource(HttpToolsProtocol.handle_websocket_upgrade)
+    assert "self.ws_protocol_class(" in upgrade and "self.transport.set_protocol(" in upgrade
+    assert "self.url" in inspect.getsource(HttpToolsProtocol.on_url)
+    for attribute in ("self.client", "self.transport", "self.loop", "self.parser"):
+        assert attribute in inspect.getsource(HttpToolsProtocol.__init__)
+    assert "self.transport" in inspect.getsource(WebSocketsSansIOProtocol.connection_made)
+    assert "def connection_lost" in inspect.getsource(WebSocketsSansIOProtocol)
+
+
+def test_config_takes_protocol_classes_for_http_and_ws():
+    from flasma_ws.admission import Guard, Limits, guarded_protocols
+    from flasma_ws.metrics import Metrics
+
+    http, ws = guarded_protocols(Guard(Limits(8, 8, 1.0), Metrics()))
+    config = uvicorn.Config(app=lambda *_: None, http=http, ws=ws)
+    config.load()
+    assert (config.http_protocol_class, config.ws_protocol_class) == (http, ws)
