@@ -241,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     warn_if_busy()
     return run_against_server(
         "soak",
-        ["--dim", str(args.dim), "--demo-size", str(args.demo_size)],
+        # Every soak connection comes from one address: lift the per-address cap above them.
+        ["--dim", str(args.dim), "--demo-size", str(args.demo_size)]
+        + ["--max-connections-per-ip", str(args.connections + 8)],
         lambda server: scenario(server, args),
     )
 
