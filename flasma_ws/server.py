@@ -22,6 +22,7 @@ from types import FrameType
 import uvicorn
 
 from .admission import (
+    PROBE_RESERVE,
     Guard,
     Limits,
     default_max_connections,
@@ -96,6 +97,15 @@ class FlasmaServer(uvicorn.Server):
         await super().startup(sockets)
         if self.servers and self.servers[0].sockets:  # --port 0 picks one: log that one
             self.service.address = f"{self.settings.host}:{self.port}"
+        limits = self.guard.limits
+        log.info(
+            "Connections: at most %d (and %d for /healthz and /metrics), %d per client "
+            "address; a request head must be complete within %g s.",
+            limits.max_connections,
+            PROBE_RESERVE,
+            limits.max_connections_per_ip,
+            limits.handshake_timeout_s,
+        )
 
     @property
     def port(self) -> int:

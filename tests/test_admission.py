@@ -4,6 +4,7 @@ server; the per-address cases bind client sockets to other 127.0.0.0/8 addresses
 
 from __future__ import annotations
 
+import resource
 import socket
 import time
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from flasma_ws.admission import (
     Reason,
     State,
     default_max_connections,
+    raise_open_file_limit,
 )
 from flasma_ws.errors import ConfigError
 from flasma_ws.metrics import Metrics, read_samples
@@ -176,6 +178,22 @@ def test_the_log_line_is_rate_limited(caplog: pytest.LogCaptureFixture):
     warn.warn("k", "limit hit")
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2 and "(2 more since the last such line)" in lines[1]
+
+
+def test_the_soft_open_file_limit_is_raised_to_the_hard_one(monkeypatch: pytest.MonkeyPatch):
+    calls = []
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (1024, 4096))
+    monkeypatch.setattr(resource, "setrlimit", lambda _, limits: calls.append(limits))
+    assert raise_open_file_limit() == 4096 and calls == [(4096, 4096)]
+
+
+def test_an_unraisable_open_file_limit_stays_as_it_is(monkeypatch: pytest.MonkeyPatch):
+    def refuse(*_: object) -> None:
+        raise ValueError("not allowed")
+
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (1024, resource.RLIM_INFINITY))
+    monkeypatch.setattr(resource, "setrlimit", refuse)
+    assert raise_open_file_limit() == 1024
 
 
 def test_defaults_and_validation():
