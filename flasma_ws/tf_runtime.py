@@ -17,6 +17,7 @@ cuda drivers"), ignore the variable: `quiet_import()` filters those by the same 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import re
@@ -87,6 +88,34 @@ def _pass_through(pipe: int, stderr: int, min_level: int) -> None:
                 os.write(stderr, line)
 
 
+class _StderrFilter:
+    """File descriptor 2 routed through `_pass_through` until `close()`."""
+
+    def __init__(self, min_level: int) -> None:
+        sys.stderr.flush()
+        self._saved, (pipe, sink) = os.dup(2), os.pipe()
+        os.dup2(sink, 2)
+        os.close(sink)
+        args = (pipe, self._saved, min_level)
+        self._copier = threading.Thread(target=_pass_through, args=args, daemon=True)
+        self._copier.start()
+        self._closed = False
+        # The import runs in a loading thread (startup.py): when the process exits while it
+        # still runs (a bad file found meanwhile), what the pipe holds, the "Error:" line
+        # among it, must still reach the terminal before the copier thread dies.
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)  # the pipe's only writer closes: the copier drains it and ends
+        self._copier.join(timeout=10)  # bounded: a forked child could hold the pipe open
+        os.close(self._saved)
+        atexit.unregister(self.close)
+
+
 @contextlib.contextmanager
 def quiet_import() -> Iterator[None]:
     """While TensorFlow imports, route file descriptor 2 through a filter that drops its native
@@ -99,16 +128,8 @@ def quiet_import() -> Iterator[None]:
     if min_level <= 0:
         yield
         return
-    sys.stderr.flush()
-    saved, (pipe, sink) = os.dup(2), os.pipe()
-    os.dup2(sink, 2)
-    os.close(sink)
-    copier = threading.Thread(target=_pass_through, args=(pipe, saved, min_level), daemon=True)
-    copier.start()
+    stderr_filter = _StderrFilter(min_level)
     try:
         yield
     finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)  # the pipe's last writer closes: the copier sees its end
-        copier.join(timeout=5)
-        os.close(saved)
+        stderr_filter.close()
