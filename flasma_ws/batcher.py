@@ -28,9 +28,9 @@ from .errors import EngineError, Overloaded
 from .fair_queue import FairQueue, Slice
 from .metrics import Metrics
 from .settings import BatcherSettings
+from .text import counted
 
 __all__ = ["Answer", "Batcher", "Failure", "Overloaded", "Owner", "SearchEngine"]
-from .text import counted
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +115,8 @@ class Batcher:
         self.engine = engine
         self.metrics = metrics
         self.max_batch = max_batch
-        self.queue_size = settings.queue_size
         self.max_wait_s = settings.max_wait_ms / 1000
-        self._queue: FairQueue[Pending] = FairQueue(self.queue_size)
+        self._queue: FairQueue[Pending] = FairQueue(settings.queue_size)
         self._work = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -137,19 +136,18 @@ class Batcher:
         its owner is over its fair share (else the heaviest flow's newest requests make room,
         answered `overloaded`)."""
         count = vectors.shape[0]
-        if self._queue.rows + count > self.queue_size:
-            self._make_room(owner, count)
+        self._make_room(owner, count)
         self._queue.push(owner, Pending(vectors, k, deadline, answer, owner))
         self._set_depth()
         self._idle.clear()
         self._work.set()
 
     def _make_room(self, owner: Owner | None, count: int) -> None:
-        evicted = self._queue.evict_for(owner, count)
+        evicted = self._queue.make_room(owner, count)
         if evicted is None:
             raise Overloaded(
                 f"The server is at capacity ({counted(self._queue.rows, 'query', 'queries')} "
-                f"queued, limit {self.queue_size}) and this connection holds more than its "
+                f"queued, limit {self._queue.capacity}) and this connection holds more than its "
                 "share; retry shortly."
             )
         for pending in evicted:

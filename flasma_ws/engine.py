@@ -281,12 +281,12 @@ class Engine:
             log.warning("Could not reserve %d MiB for searches up front.", reserve >> 20)
 
     # -- the graph ---------------------------------------------------------------------
-    def _normalized(self, queries: tf.Tensor) -> tf.Tensor:
+    def _in_dtype(self, queries: tf.Tensor) -> tf.Tensor:
         return tf.cast(queries, self.dtype)  # normalized on the host: `unit_queries`
 
     def _matmul_graph(self, queries: tf.Tensor) -> tf.Tensor:
         """Score against every row like `_search_graph`, then only a row max."""
-        q = self._normalized(queries)
+        q = self._in_dtype(queries)
         best = [tf.reduce_max(tf.matmul(q, slab), axis=1) for slab in self._slab_tensors]
         if self.n > self.n_main:
             best.append(tf.reduce_max(tf.matmul(q, self._tail), axis=1))
@@ -294,7 +294,7 @@ class Engine:
 
     def _search_graph(self, queries: tf.Tensor, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         batch = tf.shape(queries)[0]
-        q = self._normalized(queries)
+        q = self._in_dtype(queries)
         # Candidates from every slab, then the tail, in ascending column order (see the
         # module docstring: that order is what makes ties come out as a full top_k would).
         scores, columns = [], []

@@ -68,9 +68,6 @@ class FairQueue(Generic[R]):
         self._flows: dict[Hashable, _Flow[R]] = {}
         self._ring: deque[_Flow[R]] = deque()  # the flows with queued rows, in visiting order
 
-    def __len__(self) -> int:
-        return sum(len(flow.requests) for flow in self._ring)
-
     @property
     def active_flows(self) -> int:
         return len(self._ring)
@@ -89,11 +86,13 @@ class FairQueue(Generic[R]):
         active = self.active_flows + (0 if self.rows_of(key) else 1)
         return (self.rows_of(key) + count) * active <= self.capacity
 
-    def evict_for(self, key: Hashable, count: int) -> list[R] | None:
-        """Make room for `count` rows of flow `key` by evicting the heaviest flows' newest
-        unstarted requests (see the module docstring), and return them for the caller to
-        refuse; None (and nothing evicted) when the flow is over its share or no room can
+    def make_room(self, key: Hashable, count: int) -> list[R] | None:
+        """Room for `count` more rows of flow `key`: [] where they fit; else the heaviest
+        flows' newest unstarted requests, evicted (see the module docstring) for the caller
+        to refuse; None (and nothing evicted) when the flow is over its share or no room can
         be made."""
+        if self.rows + count <= self.capacity:
+            return []
         if not self.within_share(key, count):
             return None
         evicted: list[tuple[Hashable, R]] = []

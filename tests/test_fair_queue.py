@@ -111,7 +111,7 @@ def test_admission_never_refuses_a_flow_within_its_share(pushes, capacity) -> No
         if queue.rows + count <= capacity:
             queue.push(flow, request)
             continue
-        evicted = queue.evict_for(flow, count)
+        evicted = queue.make_room(flow, count)
         if within:
             assert evicted is not None  # never refused because of another's backlog
             assert all(r.flow != flow for r in evicted)
