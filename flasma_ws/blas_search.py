@@ -42,10 +42,19 @@ class BlasSearch:
         block: int,
         n_main: int,
         max_rows: int = MAX_ROWS,
+        biases: list[np.ndarray] | None = None,
     ) -> None:
         """`slabs`: (first column, (dim, width) buffer) covering columns 0..n in order, the
-        blocked columns 0..n_main first (widths multiples of `block`), then the tail."""
-        self.slabs = [(first, buffer) for first, buffer in slabs if buffer.shape[1]]
+        blocked columns 0..n_main first (widths multiples of `block`), then the tail.
+        `biases`: per slab, (width,) float32 added to its scores (a deletion mask: 0 or -inf),
+        the same arrays the TensorFlow graph reads."""
+        pairs = zip(slabs, biases) if biases is not None else ((s, None) for s in slabs)
+        self.slabs = [(first, buffer) for (first, buffer), _ in pairs if buffer.shape[1]]
+        self.biases = (
+            [bias for (_, buffer), bias in zip(slabs, biases) if buffer.shape[1]]
+            if biases is not None
+            else None
+        )
         self.n, self.block, self.n_main = n, block, n_main
         self.n_blocks = n_main // block
         self._scores = np.empty((max_rows, n), np.float32)  # reused: no page faults per call
@@ -54,8 +63,11 @@ class BlasSearch:
         """(B, N) float32 scores of normalized float32 queries, B <= max_rows. The bench's
         BLAS ceiling is this call alone."""
         out = self._scores[: queries.shape[0]]
-        for first, buffer in self.slabs:
-            np.matmul(queries, buffer, out=out[:, first : first + buffer.shape[1]])
+        for i, (first, buffer) in enumerate(self.slabs):
+            part = out[:, first : first + buffer.shape[1]]
+            np.matmul(queries, buffer, out=part)
+            if self.biases is not None:
+                part += self.biases[i]
         return out
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

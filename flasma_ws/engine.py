@@ -46,7 +46,7 @@ from .blas_search import MAX_ROWS as BLAS_MAX_ROWS
 from .blas_search import BlasSearch
 from .errors import ConfigError, EngineError, EngineOutOfMemory
 from .settings import EngineSettings
-from .vectors import Targets, chunk_rows_for
+from .vectors import ColumnSource, chunk_rows_for
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +168,13 @@ class Engine:
 
     def __init__(
         self,
-        targets: Targets,
+        targets: ColumnSource,
         config: EngineConfig,
         progress: Callable[[int], None] | None = None,
+        masked: bool = False,
     ) -> None:
+        """`masked`: keep a per-column bias (0 live, -inf deleted) that is added to the scores
+        before the top-k, for a live collection (`mask_columns`); off, the graph is today's."""
         if config.max_k < 1 or config.max_batch < 1:
             raise ConfigError("max_k and max_batch must be at least 1.")
         self.targets = targets
@@ -183,6 +186,9 @@ class Engine:
         self.onednn = tf_runtime.onednn_state()
         self.tf32 = _exact_float32_matmuls()
         self._blas: BlasSearch | None = None  # set by _load_shared_host
+        self.masked = masked
+        self._bias: list[Any] = []  # per slab, then the tail: host arrays or variables
+        self._bias_tensors: list[Any] = []
         self.block = config.block_size or choose_block_size(self.n, config.top_k)
         self.n_blocks = self.n // self.block
         self.n_main = self.n_blocks * self.block
@@ -220,7 +226,7 @@ class Engine:
             ) from exc
         finally:
             # The file's pages were read once; keep them out of this process's RSS.
-            self.targets.source.release_pages()
+            self.targets.release_pages()
 
     def _load_shared_host(self, progress: Callable[[int], None] | None) -> None:
         """CPU: fill aligned host arrays and hand them to TensorFlow through DLPack, which
@@ -233,12 +239,21 @@ class Engine:
         *slabs, (_, tail) = buffers
         self._slab_tensors = [_shared_tensor(buffer) for _, buffer in slabs]
         self._tail = _shared_tensor(tail)
-        self._blas = BlasSearch(buffers, self.n, self.block, self.n_main)
+        biases = None
+        if self.masked:  # host arrays that TensorFlow reads in place, as the slabs
+            biases = [_host_buffer((1, b.shape[1]))[0] for _, b in buffers]  # zero-filled
+            self._bias = biases
+            self._bias_tensors = [_shared_tensor(b) for b in biases]
+        self._blas = BlasSearch(buffers, self.n, self.block, self.n_main, biases=biases)
 
     def _load_variables(self, progress: Callable[[int], None] | None) -> None:
         """GPU or a narrower dtype: copy chunk by chunk into device variables."""
         self._slab_tensors = [self._variable(lo, hi, progress) for lo, hi in self.slabs]
         self._tail = self._variable(self.n_main, self.n, progress)
+        if self.masked:
+            widths = [hi - lo for lo, hi in [*self.slabs, (self.n_main, self.n)]]
+            self._bias = [tf.Variable(tf.zeros((w,), tf.float32), trainable=False) for w in widths]
+            self._bias_tensors = self._bias
 
     def _variable(self, lo: int, hi: int, progress: Callable[[int], None] | None) -> tf.Variable:
         variable = tf.Variable(tf.zeros((self.dim, hi - lo), self.dtype), trainable=False)
@@ -299,12 +314,12 @@ class Engine:
         # module docstring: that order is what makes ties come out as a full top_k would).
         scores, columns = [], []
         alone = len(self.slabs) == 1
-        for (lo, _), slab in zip(self.slabs, self._slab_tensors):
-            values, cols = self._slab_candidates(q, slab, lo, k, batch, reduce=not alone)
+        for i, ((lo, _), slab) in enumerate(zip(self.slabs, self._slab_tensors)):
+            values, cols = self._slab_candidates(q, slab, i, lo, k, batch, reduce=not alone)
             scores.append(values)
             columns.append(cols)
         if self.n > self.n_main:
-            scores.append(tf.cast(tf.matmul(q, self._tail), tf.float32))
+            scores.append(self._scores(q, self._tail, -1))
             tail = tf.range(self.n_main, self.n, dtype=tf.int32)
             columns.append(tf.broadcast_to(tail, (batch, self.n - self.n_main)))
         candidates = scores[0] if len(scores) == 1 else tf.concat(scores, axis=1)
@@ -312,10 +327,17 @@ class Engine:
         values, positions = tf.math.top_k(candidates, k)
         return tf.gather(candidate_columns, positions, batch_dims=1), values
 
+    def _scores(self, q: tf.Tensor, slab: tf.Tensor, index: int) -> tf.Tensor:
+        """float32 scores against one slab (index -1: the tail), plus its deletion bias.
+        BiasAdd right after MatMul is one fused oneDNN kernel on CPU."""
+        s = tf.cast(tf.matmul(q, slab), tf.float32)
+        return tf.nn.bias_add(s, self._bias_tensors[index]) if self.masked else s
+
     def _slab_candidates(
         self,
         q: tf.Tensor,
         slab: tf.Tensor,
+        index: int,
         first: int,
         k: tf.Tensor,
         batch: tf.Tensor,
@@ -325,7 +347,7 @@ class Engine:
         best blocks (sorted), or with `reduce` already cut to the slab's own exact top k, so
         that only (B, k) per slab outlives the slab's score matrix."""
         n_blocks = slab.shape[1] // self.block
-        s = tf.cast(tf.matmul(q, slab), tf.float32)
+        s = self._scores(q, slab, index)
         blocks = tf.reshape(s, (batch, n_blocks, self.block))
         _, picked = tf.math.top_k(tf.reduce_max(blocks, axis=2), tf.minimum(k, n_blocks))
         picked = tf.sort(picked, axis=1)  # candidate order must follow column order
@@ -375,14 +397,19 @@ class Engine:
             raise EngineError(f"Queries must have shape (B, {self.dim}), got {queries.shape}.")
         if not 1 <= k <= self.max_k:
             raise EngineError(f"k must be between 1 and {self.max_k}, got {k}.")
-        queries = unit_queries(queries)
+        rows, scores = self.search_columns(unit_queries(queries), k)
+        return self.targets.original_index(rows), scores
+
+    def search_columns(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """`search` for already normalized queries, answering engine column numbers (deleted
+        columns of a masked engine come last, with score -inf)."""
         pieces = [
             self._search_piece(queries[i : i + self.config.max_batch], k)
             for i in range(0, max(queries.shape[0], 1), self.config.max_batch)
         ]
         rows = np.concatenate([p[0] for p in pieces]) if len(pieces) > 1 else pieces[0][0]
         scores = np.concatenate([p[1] for p in pieces]) if len(pieces) > 1 else pieces[0][1]
-        return self.targets.original_index(rows), scores
+        return rows, scores
 
     def _search_piece(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         batch = queries.shape[0]
@@ -408,6 +435,38 @@ class Engine:
         """
         best = self._concrete(self._matmul_trace)(tf.constant(unit_queries(queries)))
         return best.numpy()
+
+    # -- a live collection's deletions (engine thread, between searches) ----------------
+    def _pieces(self) -> list[tuple[int, int]]:
+        return [*self.slabs, (self.n_main, self.n)]
+
+    def mask_columns(self, columns: np.ndarray, dead: bool = True) -> None:
+        """Give `columns` a bias of -inf (dead) or 0 (live again) for every later search."""
+        if not self.masked:
+            raise EngineError("This engine was built without a deletion mask.")
+        value = -np.inf if dead else 0.0
+        columns = np.asarray(columns, np.int64)
+        for index, (lo, hi) in enumerate(self._pieces()):
+            inside = columns[(columns >= lo) & (columns < hi)] - lo
+            if not inside.size:
+                continue
+            bias = self._bias[index]
+            if isinstance(bias, np.ndarray):
+                bias[inside] = value
+            else:
+                updates = tf.fill([inside.size], tf.constant(value, tf.float32))
+                bias.scatter_nd_update(inside[:, None], updates)
+
+    def column_vectors(self, columns: np.ndarray) -> np.ndarray:
+        """(m, dim) float32 stored (normalized) vectors of engine columns."""
+        columns = np.asarray(columns, np.int64)
+        out = np.empty((columns.size, self.dim), np.float32)
+        for (lo, hi), slab in zip(self._pieces(), [*self._slab_tensors, self._tail]):
+            picked = np.flatnonzero((columns >= lo) & (columns < hi))
+            if picked.size:
+                gathered = tf.gather(slab, columns[picked] - lo, axis=1)
+                out[picked] = tf.cast(gathered, tf.float32).numpy().T
+        return out
 
     def host_slabs(self) -> list[tuple[int, np.ndarray]]:
         """(first column, (dim, width) float32 buffer) of the matrix where it lives in host

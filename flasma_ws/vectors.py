@@ -12,7 +12,7 @@ import mmap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -295,6 +295,27 @@ def normalize_columns(block: np.ndarray, in_place: bool = False) -> np.ndarray:
     return out
 
 
+class ColumnSource(Protocol):
+    """What the engine loads from: normalized rows written as columns of its (dim, width)
+    buffers. `Targets` (a file or the demo set) is one; a live collection's compaction another."""
+
+    @property
+    def n(self) -> int: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    def fill_columns(
+        self, out: np.ndarray, first: int, progress: RowsDone | None = None
+    ) -> None: ...
+
+    def release_pages(self) -> None: ...
+
+    def original_index(self, rows: np.ndarray) -> np.ndarray: ...
+
+    def chunks(self, chunk_rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]: ...
+
+
 @dataclass(frozen=True)
 class Targets:
     """A validated source plus which of its rows to keep; yields normalized float32 chunks.
@@ -357,6 +378,9 @@ class Targets:
         for start, block in self.chunks(chunk_rows):
             yield start, block.T
 
+    def release_pages(self) -> None:
+        self.source.release_pages()
+
     def original_index(self, rows: np.ndarray) -> np.ndarray:
         """Map engine row numbers back to row numbers of the file."""
         return rows if self.keep is None else self.keep[rows]
@@ -399,7 +423,7 @@ def prepare(
     return Targets(source, keep=keep, zero_rows=int(zeros.size))
 
 
-def load_matrix(targets: Targets) -> np.ndarray:
+def load_matrix(targets: ColumnSource) -> np.ndarray:
     """The whole normalized (n, dim) float32 matrix on the host (for tools and tests)."""
     out = np.empty((targets.n, targets.dim), dtype=np.float32)
     for start, block in targets.chunks():
