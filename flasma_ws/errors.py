@@ -3,6 +3,8 @@
 FlasmaError
 ├── ConfigError          bad settings or flags
 ├── VectorFileError      a target-vector file that cannot be used
+├── KeyFileError         a --keys file that cannot be used
+├── StorageError         the data directory (WAL, snapshots) cannot be read or written
 ├── EngineError          TensorFlow failed while loading or searching
 │   └── EngineOutOfMemory
 ├── LoadCancelled        loading stopped because the server is shutting down
@@ -26,6 +28,14 @@ class ConfigError(FlasmaError):
 
 class VectorFileError(FlasmaError):
     """A vector file is missing, malformed, or holds values we cannot use."""
+
+
+class KeyFileError(FlasmaError):
+    """A --keys file is missing, malformed, or its keys break a rule (count, range, duplicates)."""
+
+
+class StorageError(FlasmaError):
+    """The data directory is corrupt, belongs to another collection, or a write/fsync failed."""
 
 
 class EngineError(FlasmaError):
