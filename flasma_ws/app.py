@@ -24,8 +24,9 @@ from . import protocol
 from .batcher import INTERNAL_MESSAGE, Failure
 from .errors import ProtocolError
 from .protocol import Code, Query
-from .service import Service, State
+from .service import Service, State, WriteDone
 from .text import counted
+from .write_codec import WriteRequest, encode_get_answer, encode_write_answer
 
 log = logging.getLogger("flasma_ws")
 
@@ -80,6 +81,12 @@ class Connection:
                 codec.parse_binary(data) if data is not None else codec.parse_text(message["text"])
             )
             request_id = query.id
+            if isinstance(query, WriteRequest):
+                request_id = query.id
+                self.service.write(
+                    query, lambda done: self._write_answer(request_id, done, received)
+                )
+                return
             self.service.submit(query, lambda result: self._answer(query, result, received), self)
         except ProtocolError as exc:
             self._push_error(exc.request_id, exc.code, exc.message, received)
@@ -94,7 +101,7 @@ class Connection:
             self._push_error(query.id, result.code, result.message, received)
             return
         try:
-            frame = protocol.Codec.encode_result(query, *result)
+            frame = protocol.Codec.encode_result(query, *result, self.service.keyed)
         except Exception:
             log.exception("Encoding an answer failed.")
             self._push_error(query.id, protocol.INTERNAL, INTERNAL_MESSAGE, received)
@@ -104,6 +111,15 @@ class Connection:
             self._push({"type": "websocket.send", "bytes": frame}, received, "ok")
         else:
             self._push({"type": "websocket.send", "text": frame.decode()}, received, "ok")
+
+    def _write_answer(
+        self, request_id: protocol.RequestId, done: WriteDone | Failure, received: float
+    ) -> None:
+        if isinstance(done, Failure):
+            self._push_error(request_id, done.code, done.message, received)
+            return
+        frame = encode_write_outcome(done)
+        self._push({"type": "websocket.send", "text": frame.decode()}, received, "ok")
 
     def _push_error(
         self, request_id: protocol.RequestId, code: str, text: str, received: float
@@ -240,6 +256,8 @@ class App:
     async def _http(self, scope: Scope, receive: Any, send: Any) -> None:
         path, method = scope["path"], scope["method"]
         route = ROUTE_OF.get(path)
+        if method in ("GET", "HEAD") and path.startswith(VECTOR_PREFIX):
+            route = VECTOR_ROUTE  # GET /vectors/{key}, any key (even "delete")
         if route is None:
             await _error(send, Code.NOT_FOUND, f"No route {path}; see {ROUTE_LIST}.")
         elif route.method == WEBSOCKET:  # a plain HTTP request to the WebSocket route
@@ -264,11 +282,70 @@ class App:
         await _respond(send, 200 if state is State.READY else 503, {"status": state.value})
 
     async def _info(self, _scope: Scope, _receive: Any, send: Any) -> None:
-        await _respond(send, 200, {**self.service.info, "state": self.service.state.value})
+        live = self.service.live_info()
+        await _respond(send, 200, {**self.service.info, **live, "state": self.service.state.value})
 
     async def _metrics(self, _scope: Scope, _receive: Any, send: Any) -> None:
         content_type = [(b"content-type", metrics_module.CONTENT_TYPE.encode())]
         await _respond(send, 200, self.service.metrics.render(), content_type)
+
+    async def _vectors_upsert(self, scope: Scope, receive: Any, send: Any) -> None:
+        await self._http_write(scope, receive, send, "upsert")
+
+    async def _vectors_delete(self, scope: Scope, receive: Any, send: Any) -> None:
+        await self._http_write(scope, receive, send, "delete")
+
+    async def _vector_get(self, scope: Scope, receive: Any, send: Any) -> None:
+        raw = scope["path"][len(VECTOR_PREFIX) :]
+        key: object = raw
+        if self.service.codec is not None and self.service.engine.key_type == "int":
+            key = int(raw) if raw.isdigit() else raw  # not an int: bad_key names it
+        body = orjson.dumps({"keys": [key]})
+        await self._http_write(scope, receive, send, "get", body)
+
+    async def _http_write(
+        self, scope: Scope, receive: Any, send: Any, op: str, body: bytes | None = None
+    ) -> None:
+        """POST /vectors, POST /vectors/delete, GET /vectors/{key}: answers as on /ws,
+        errors as for /cos (a bad item: the code of its error and the frame's answer)."""
+        received = time.perf_counter()
+        route = f"vectors_{op}"
+        try:
+            if body is None:
+                body = await _read_body(receive, self.service.settings.max_body_bytes)
+            request = self.service.require_codec().parse_http_op(body, op)
+            future: asyncio.Future[WriteDone | Failure] = asyncio.get_running_loop().create_future()
+            self.service.write(request, lambda done: _settle(future, done))
+            outcome: WriteDone | Failure = await future
+        except ProtocolError as exc:
+            outcome = Failure(exc.code, exc.message)
+        except Exception:
+            log.exception("Handling %s failed.", scope["path"])
+            outcome = Failure(protocol.INTERNAL, INTERNAL_MESSAGE)
+        code = await self._send_write_outcome(send, op, outcome)
+        self.service.metrics.requests.labels(route, code).inc()
+        self.service.metrics.latency_seconds.labels(route).observe(time.perf_counter() - received)
+
+    async def _send_write_outcome(self, send: Any, op: str, outcome: WriteDone | Failure) -> str:
+        if isinstance(outcome, Failure):
+            await _error(send, outcome.code, outcome.message)
+            return outcome.code
+        if op != "get":
+            await _respond(send, 200, encode_write_outcome(outcome))
+            return "ok"
+        request = outcome.request
+        if request.errors:  # the one key is malformed
+            error = request.errors[0]
+            await _error(send, error.code, error.message)
+            return error.code
+        vector = outcome.value[0]
+        if vector is None:
+            key = request.keys[0]
+            await _error(send, Code.NOT_FOUND, f"No live row has the key {key!r}.")
+            return Code.NOT_FOUND
+        item = {"key": request.keys[0], "embedding": vector}
+        await _respond(send, 200, orjson.dumps(item, option=orjson.OPT_SERIALIZE_NUMPY))
+        return "ok"
 
     async def _cos(self, scope: Scope, receive: Any, send: Any) -> None:
         received = time.perf_counter()
@@ -331,15 +408,25 @@ class Route:
 
 
 WS_PATH = "/ws"
+VECTOR_PREFIX = "/vectors/"
+VECTOR_ROUTE = Route("/vectors/{key}", "GET", guarded=True, handler=App._vector_get)
 ROUTES = (
     Route("/info", "GET", guarded=True, handler=App._info),
     Route("/cos", "POST", guarded=True, handler=App._cos),
+    Route("/vectors", "POST", guarded=True, handler=App._vectors_upsert),
+    Route("/vectors/delete", "POST", guarded=True, handler=App._vectors_delete),
     Route(WS_PATH, WEBSOCKET, guarded=True),
     Route("/healthz", "GET", guarded=False, handler=App._healthz),
     Route("/metrics", "GET", guarded=False, handler=App._metrics),
 )
 ROUTE_OF = {route.path: route for route in ROUTES}
-ROUTE_LIST = ", ".join(route.path for route in ROUTES)
+ROUTE_LIST = ", ".join(route.path for route in (*ROUTES, VECTOR_ROUTE))
+
+
+def encode_write_outcome(done: WriteDone) -> bytes:
+    if done.request.op == "get":
+        return encode_get_answer(done.request, done.value)
+    return encode_write_answer(done.request, done.value)
 
 
 def _settle(future: asyncio.Future[Any], result: object) -> None:

@@ -17,9 +17,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -33,6 +33,7 @@ from .text import counted
 __all__ = ["Answer", "Batcher", "Failure", "Overloaded", "Owner", "SearchEngine"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class SearchEngine(Protocol):
@@ -82,8 +83,8 @@ class Pending:
         self.queued_at = time.monotonic()
 
     def store(self, start: int, rows: np.ndarray, scores: np.ndarray) -> None:
-        if self.rows is None:
-            self.rows = np.empty((self.count, self.k), np.int64)
+        if self.rows is None:  # int64 row numbers or keys, or str keys (object)
+            self.rows = np.empty((self.count, self.k), rows.dtype)
             self.scores = np.empty((self.count, self.k), np.float32)
         assert self.scores is not None
         self.rows[start : start + rows.shape[0]] = rows[:, : self.k]
@@ -156,6 +157,11 @@ class Batcher:
     def _set_depth(self) -> None:
         self.metrics.queue_depth.set(self._queue.rows)
         self.metrics.active_flows.set(self._queue.active_flows)
+
+    def run_in_engine_thread(self, fn: Callable[[], T]) -> Future[T]:
+        """Run `fn` in the engine thread, between batches (any thread may call this): how
+        writes reach the engine, so that a batch sees each write entirely or not at all."""
+        return self._executor.submit(fn)
 
     @property
     def queued(self) -> int:

@@ -197,7 +197,15 @@ class LiveEngine:
         self._host = bool(base.host_slabs())
         self.app = Appendable(self.dim, config.dtype, self.device, self._host, FIRST_CAPACITY)
         self._app_keys = key_array([], key_type)
-        self._top_k = tf.function(_segment_top_k, jit_compile=False, autograph=False)
+        signature = [
+            tf.TensorSpec((None, self.dim), tf.float32),
+            tf.TensorSpec((None, self.dim), TF_DTYPES[config.dtype]),
+            tf.TensorSpec((None,), tf.float32),
+            tf.TensorSpec((), tf.int32),
+        ]  # any batch and capacity: growing the segment never retraces
+        self._top_k = tf.function(
+            _segment_top_k, input_signature=signature, jit_compile=False, autograph=False
+        )
         self.applied_lsn = 0
         self._plan: CompactionPlan | None = None
         self._install(base, keys, _positions_of(keys), dead=0)
@@ -211,6 +219,25 @@ class LiveEngine:
     def n(self) -> int:
         """Live rows."""
         return len(self._slot_of)
+
+    @property
+    def base_live(self) -> int:
+        return self.base.n - self.base_dead
+
+    def has(self, key: Key) -> bool:
+        return key in self._slot_of
+
+    @property
+    def warmup_batches(self) -> list[int]:
+        return self.base.warmup_batches
+
+    def warmup(self, progress: Callable[[int], None] | None = None) -> float:
+        """The base's warm-up, and one appendable search so that its graph is traced."""
+        seconds = self.base.warmup(progress)
+        probe = np.ones((2, self.dim), np.float32)
+        with tf.device(self.device):
+            self._top_k(probe, self.app.rows_tensor, self.app.bias_tensor, tf.constant(1))
+        return seconds
 
     @property
     def appended(self) -> int:

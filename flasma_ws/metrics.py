@@ -85,6 +85,35 @@ class Metrics:
         )
         self.ready = Gauge("flasma_ready", "1 once the engine is warm and serving.", registry=r)
 
+    def watch_collection(self, collection: object) -> None:
+        """Gauges read from a live collection at scrape time (no cost on the write path)."""
+        from .collection import Collection
+
+        assert isinstance(collection, Collection)
+        c, r = collection, self.registry
+        engine, wal, stats = c.engine, c.wal, c.stats
+        gauges: dict[str, tuple[str, object]] = {
+            "flasma_live_rows": ("Rows a search can return.", lambda: engine.n),
+            "flasma_deleted_rows": (
+                "Rows deleted or replaced since the last compaction, still masked.",
+                lambda: engine.base_dead + engine.appended - (engine.n - engine.base_live),
+            ),
+            "flasma_appendable_rows": ("Rows in the appendable segment.", lambda: engine.appended),
+            "flasma_wal_bytes": (
+                "Bytes in the write-ahead log's segments.",
+                lambda: wal.size_bytes,
+            ),
+            "flasma_wal_fsyncs": ("fsync calls of the write-ahead log.", lambda: wal.stats.fsyncs),
+            "flasma_wal_records": ("Records written to the log.", lambda: wal.stats.records),
+            "flasma_compactions": ("Compactions finished.", lambda: stats.compactions),
+            "flasma_last_compaction_seconds": (
+                "Duration of the last compaction.",
+                lambda: stats.last_compaction_seconds,
+            ),
+        }
+        for name, (text, read) in gauges.items():
+            Gauge(name, text, registry=r).set_function(read)  # type: ignore[arg-type]
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -13,12 +13,16 @@ import enum
 import json
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
 
 from .errors import ProtocolError
 from .text import counted
+
+if TYPE_CHECKING:
+    from .write_codec import WriteCodec, WriteRequest
 
 RequestId = str | int | None
 
@@ -43,6 +47,9 @@ class Code(str, enum.Enum):
     TIMEOUT = ("timeout", 504, "the deadline passed before the query's batch started")
     INTERNAL = ("internal", 500, "the server failed on this request; it keeps serving")
     UNAVAILABLE = ("unavailable", 503, "the server is loading or shutting down")
+    BAD_KEY = ("bad_key", 400, "a key of the wrong type or size, or twice in one frame")
+    READ_ONLY = ("read_only", 403, "a write to a server started without --data-dir")
+    FULL = ("full", 507, "an upsert of a new key beyond --max-rows")
     TOO_LARGE = ("too_large", 413, "a POST /cos body over --max-body-bytes", False)
     NOT_FOUND = ("not_found", 404, "no such route", False)
     METHOD_NOT_ALLOWED = ("method_not_allowed", 405, "the route takes another method", False)
@@ -123,10 +130,13 @@ class Codec:
     top_k: int  # the limits come from Settings (and the served matrix), never defaulted here
     max_k: int
     max_queries_per_frame: int
+    writes: WriteCodec | None = None  # frames with an "op" (write_codec.py)
+    keyed: bool = False  # answers carry int64 keys: binary answers say so in their flags
 
     # -- requests ----------------------------------------------------------------------
-    def parse_text(self, data: str | bytes) -> Query:
-        """A WebSocket text frame: {"id", "embedding" | "embeddings", "k"?, "timeout_ms"?}."""
+    def parse_text(self, data: str | bytes) -> Query | WriteRequest:
+        """A WebSocket text frame: {"id", "embedding" | "embeddings", "k"?, "timeout_ms"?},
+        or a write/get with an "op"."""
         obj = _load_json(data, "frame")
         request_id = _read_id(obj)
         try:
@@ -134,10 +144,24 @@ class Codec:
                 raise ProtocolError(
                     BAD_REQUEST, 'The request has no "id"; add one to match answers.'
                 )
+            if "op" in obj:
+                return self.parse_op(obj, request_id)
             return self._parse_fields(obj, request_id, _WS_KEYS)
         except ProtocolError as exc:
             exc.request_id = request_id
             raise
+
+    def parse_op(self, obj: dict[str, Any], request_id: RequestId) -> WriteRequest:
+        if self.writes is None:
+            raise ProtocolError(Code.READ_ONLY, "This server takes no writes.")
+        return self.writes.parse(obj, request_id)
+
+    def parse_http_op(self, body: bytes, op: str) -> WriteRequest:
+        """POST /vectors ({"items"}) or POST /vectors/delete ({"keys"}): the op is the route's."""
+        obj = _load_json(body, "body")
+        if "op" in obj or "id" in obj:
+            raise ProtocolError(BAD_REQUEST, f"The route says the op; send only the {op} fields.")
+        return self.parse_op({**obj, "op": op}, None)
 
     def parse_cos(self, body: bytes) -> Query:
         """A POST /cos body: {"embedding": [...], "k"?: int} (Flasma's route)."""
@@ -148,7 +172,11 @@ class Codec:
             )
         return self._parse_fields(obj, None, _COS_KEYS)
 
-    def parse_binary(self, data: bytes) -> Query:
+    def parse_binary(self, data: bytes) -> Query | WriteRequest:
+        from .write_codec import is_write_frame
+
+        if self.writes is not None and is_write_frame(data):
+            return self.writes.parse_binary(data)
         if len(data) < BINARY_HEADER.size:
             raise ProtocolError(
                 BAD_REQUEST,
@@ -275,32 +303,50 @@ class Codec:
 
     # -- answers -----------------------------------------------------------------------
     @staticmethod
-    def encode_result(query: Query, rows: np.ndarray, scores: np.ndarray) -> bytes:
-        """The answer to `query`: rows/scores are (count, k). JSON bytes, or a binary frame."""
-        if query.binary:
-            header = BINARY_HEADER.pack(query.id, query.k, query.count, 0)
-            return header + rows.astype("<u4").tobytes() + scores.astype("<f4").tobytes()
-        if query.multi:
-            results = [list(zip(r, s)) for r, s in zip(rows.tolist(), scores.tolist())]
-            return orjson.dumps({"id": query.id, "results": results})
-        return orjson.dumps(
-            {"id": query.id, "result": list(zip(rows[0].tolist(), scores[0].tolist()))}
-        )
+    def encode_result(
+        query: Query, rows: np.ndarray, scores: np.ndarray, keyed: bool = False
+    ) -> bytes:
+        """The answer to `query`: rows/scores are (count, k). JSON bytes, or a binary frame.
+        Absent results (score -inf: fewer live rows than k) are left out of JSON lists; in a
+        binary answer of a keyed server they read key 2^64-1, score -inf."""
+        if query.binary and rows.dtype != object:
+            flags = KEYED_FLAG if keyed else 0
+            header = BINARY_HEADER.pack(query.id, query.k, query.count, flags)
+            ids = rows.astype("<u8" if keyed else "<u4")
+            return header + ids.tobytes() + scores.astype("<f4").tobytes()
+        if query.multi or query.binary:  # a str-key server answers binary queries in JSON
+            return orjson.dumps({"id": query.id, "results": _pairs(rows, scores)})
+        return orjson.dumps({"id": query.id, "result": _pairs(rows, scores)[0]})
 
     @staticmethod
     def encode_cos(rows: np.ndarray, scores: np.ndarray) -> bytes:
-        return orjson.dumps({"result": list(zip(rows[0].tolist(), scores[0].tolist()))})
+        return orjson.dumps({"result": _pairs(rows, scores)[0]})
 
     encode_error = staticmethod(encode_error)
 
     @staticmethod
     def decode_binary_result(data: bytes) -> tuple[int, np.ndarray, np.ndarray]:
-        """Client side: (id, rows (count, k) uint32, scores (count, k) float32)."""
-        request_id, k, count, _ = BINARY_HEADER.unpack_from(data)
+        """Client side: (id, rows (count, k) uint32 or, keyed, uint64, scores (count, k))."""
+        request_id, k, count, flags = BINARY_HEADER.unpack_from(data)
         size = count * k
-        rows = np.frombuffer(data, "<u4", size, BINARY_HEADER.size).reshape(count, k)
-        scores = np.frombuffer(data, "<f4", size, BINARY_HEADER.size + 4 * size).reshape(count, k)
+        width = 8 if flags & KEYED_FLAG else 4
+        rows = np.frombuffer(data, f"<u{width}", size, BINARY_HEADER.size).reshape(count, k)
+        offset = BINARY_HEADER.size + width * size
+        scores = np.frombuffer(data, "<f4", size, offset).reshape(count, k)
         return request_id, rows, scores
+
+
+KEYED_FLAG = 1  # binary answer flags: rows are u64 keys
+
+
+def _pairs(rows: np.ndarray, scores: np.ndarray) -> list[list[tuple[Any, float]]]:
+    """[[key, score], ...] per query, absent results (score -inf) left out."""
+    if np.isneginf(scores).any():
+        return [
+            [(r, s) for r, s in zip(row, score) if s != -np.inf]
+            for row, score in zip(rows.tolist(), scores.tolist())
+        ]
+    return [list(zip(r, s)) for r, s in zip(rows.tolist(), scores.tolist())]
 
 
 def encode_binary_query(

@@ -7,21 +7,55 @@ Its parts come from startup.py. No sockets here: the ASGI app (app.py) routes re
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import gc
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
+
+import numpy as np
 
 from . import protocol, startup
 from .batcher import Answer, Batcher, Failure, Owner
 from .errors import FlasmaError, LoadCancelled, Overloaded, ProtocolError
 from .metrics import Metrics
-from .protocol import Codec, Query
+from .protocol import Code, Codec, Query
 from .settings import Settings
+from .write_codec import ItemError, WriteRequest
 
 log = logging.getLogger("flasma_ws")
+
+
+READ_ONLY_MESSAGE = (
+    "This server is read-only: it was started without --data-dir. Restart it with "
+    "--data-dir DIR to keep a live, durable collection that takes writes."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteDone:
+    """A write's or get's outcome: the request as applied (with any `full` errors added) and
+    the count (upserted, deleted) or the vectors (get)."""
+
+    request: WriteRequest
+    value: Any
+
+
+WriteAnswer = Callable[["WriteDone | Failure"], None]
+
+
+def _settle(future: Future[Any], answer: WriteAnswer, which: int, request: WriteRequest) -> None:
+    """On the event loop: a write's or get's outcome to its answer callback."""
+    error = future.exception()
+    if error is not None:
+        log.error("A write failed: %s", error)
+        answer(Failure(protocol.INTERNAL, f"The write was not applied: {error}"))
+        return
+    result = future.result()
+    answer(WriteDone(request, result[which] if isinstance(result, tuple) else result))
 
 
 class State(enum.Enum):
@@ -46,6 +80,8 @@ class Service:
         self.engine: Any = None
         self.codec: Codec | None = None
         self.batcher: Batcher | None = None
+        self.collection: Any = None  # flasma_ws.collection.Collection with --data-dir
+        self.keyed = False  # binary answers carry u64 keys
         self.info: dict[str, object] = {"state": "loading"}
         self.on_fatal = on_fatal
         self.address = f"{settings.host}:{settings.port}"  # the listener sets the bound one
@@ -56,7 +92,7 @@ class Service:
         """Load vectors and warm the engine off the event loop, then start batching."""
         loop = asyncio.get_running_loop()
         try:
-            engine = await loop.run_in_executor(
+            loaded = await loop.run_in_executor(
                 None, startup.load_engine, self.settings, self.started, self._still_wanted
             )
         except LoadCancelled:
@@ -70,12 +106,17 @@ class Service:
             self._fail(FlasmaError(f"Loading failed unexpectedly: {exc}"))
             return
         if self.state is State.LOADING:  # else a signal came as loading finished
-            self._ready(startup.assemble(self.settings, engine, self.metrics))
+            self._ready(startup.assemble(self.settings, loaded, self.metrics))
 
     def _ready(self, parts: startup.Parts) -> None:
         self.engine, self.codec, self.batcher = parts.engine, parts.codec, parts.batcher
         self.info, self.top_k = parts.info, parts.codec.top_k
         parts.batcher.start()
+        self.collection = parts.collection
+        self.keyed = parts.codec.keyed
+        if self.collection is not None:
+            self.collection.start(parts.batcher.run_in_engine_thread)
+            self.metrics.watch_collection(self.collection)
         # Everything loaded so far (TensorFlow's ~330k objects) lives as long as the process:
         # out of the collector's sight, a full collection under load takes ~0 ms, not the
         # ~235 ms pause that was the light client's p99 beside a heavy one (docs/reliability.md).
@@ -129,6 +170,76 @@ class Service:
         except Overloaded as exc:
             answer(Failure(protocol.OVERLOADED, str(exc)))
 
+    def write(self, request: WriteRequest, answer: WriteAnswer) -> None:
+        """Apply an upsert or delete, or read (get); `answer` gets, on the event loop, the
+        count (upsert, delete) or the vectors (get), or a Failure. Never raises."""
+        if self.state is not State.READY or self.batcher is None:
+            what = "still loading" if self.state is State.LOADING else "shutting down"
+            answer(Failure(protocol.UNAVAILABLE, f"The server is {what}; retry shortly."))
+            return
+        loop = asyncio.get_running_loop()
+        if request.op == "get":
+            keys = request.keys
+            future = (
+                self.collection.get(keys)
+                if self.collection is not None
+                else self.batcher.run_in_engine_thread(lambda: self.engine.get(keys))
+            )
+            future.add_done_callback(
+                lambda f: loop.call_soon_threadsafe(_settle, f, answer, 0, request)
+            )
+            return
+        if self.collection is None:
+            answer(Failure(Code.READ_ONLY, READ_ONLY_MESSAGE))
+            return
+        if not request.keys:  # every item was refused: nothing to log
+            answer(WriteDone(request, 0))
+            return
+        if request.op == "upsert":
+            request, new = self._within_max_rows(request)
+            assert request.vectors is not None
+            future = self.collection.write(request.keys, request.vectors, [], new)
+            which = 0
+        else:
+            future = self.collection.write([], np.empty((0, self.engine.dim)), request.keys)
+            which = 1
+        applied = request
+        future.add_done_callback(
+            lambda f: loop.call_soon_threadsafe(_settle, f, answer, which, applied)
+        )
+
+    def _within_max_rows(self, request: WriteRequest) -> tuple[WriteRequest, int]:
+        """The upserts that fit --max-rows; new keys beyond it get `full`, one error each."""
+        c = self.collection
+        room = c.room()
+        fresh = [not c.engine.has(key) for key in request.keys]
+        if sum(fresh) <= room:
+            return request, sum(fresh)
+        keep, errors, taken = [], list(request.errors), 0
+        for i, is_new in enumerate(fresh):
+            if is_new and taken >= room:
+                message = f"The collection holds its --max-rows of {c.max_rows}; delete first."
+                errors.append(ItemError(request.positions[i], Code.FULL, message))
+                continue
+            taken += is_new
+            keep.append(i)
+        assert request.vectors is not None
+        errors.sort(key=lambda e: e.index)
+        trimmed = dataclasses.replace(
+            request,
+            keys=[request.keys[i] for i in keep],
+            vectors=request.vectors[keep],
+            positions=[request.positions[i] for i in keep],
+            errors=errors,
+        )
+        return trimmed, taken
+
+    def live_info(self) -> dict[str, object]:
+        """The parts of /info that change while serving: live rows, the collection's state."""
+        if self.collection is None:
+            return {}
+        return {"n": self.engine.n, **self.collection.describe()}
+
     def require_codec(self) -> Codec:
         if self.codec is None:
             raise ProtocolError(protocol.UNAVAILABLE, "The server is still loading; retry shortly.")
@@ -143,5 +254,7 @@ class Service:
             await self.batcher.drain()
 
     async def close(self) -> None:
+        if self.collection is not None:  # first: its last writes apply in the engine thread
+            await asyncio.get_running_loop().run_in_executor(None, self.collection.close)
         if self.batcher is not None:
             await self.batcher.close()

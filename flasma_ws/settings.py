@@ -16,6 +16,7 @@ from typing import Any
 from .errors import ConfigError
 
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+KEY_TYPES: tuple[str, ...] = ("int", "str")
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
 MAX_PORT = 65_535
 # What --device may say; whether that GPU exists is known only once TensorFlow has loaded.
@@ -53,6 +54,36 @@ class TargetSettings:
     demo_size: int = setting(10_000, "Rows of the generated demo set.")
     demo_seed: int = setting(0, "Seed of the generated demo set.")
     drop_zero: bool = setting(False, "Skip zero-norm rows (results keep file row numbers).")
+
+
+@dataclass(frozen=True)
+class CollectionSettings:
+    """A live collection (docs/protocol.md, Writes): keys, writes, durability."""
+
+    data_dir: Path | None = setting(
+        None,
+        "Directory of a live, durable collection: the first start imports --npy (or the demo "
+        "set) into it; later starts need only --data-dir. Without it the server is read-only.",
+    )
+    keys: Path | None = setting(
+        None,
+        "Keys of the --npy rows: an int64 .npy (--key-type int) or a text file of one key a "
+        "line (--key-type str). Default: the row numbers 0..N-1.",
+    )
+    key_type: str = setting("int", "int (0..2^63-1) or str (1..256 UTF-8 bytes).")
+    max_rows: int | None = setting(
+        None,
+        "Most live rows; upserts of new keys beyond it get 'full' (default: what a third of "
+        "this machine's memory holds at this dimension, leaving room for compaction's copy).",
+    )
+    compact_fraction: float = setting(
+        0.25,
+        "Compact (rebuild the base from the live rows, in the background) once the appended "
+        "or the deleted rows reach this share of the base...",
+    )
+    compact_min_rows: int = setting(
+        65_536, "... and at least this many rows were appended or deleted."
+    )
 
 
 @dataclass(frozen=True)
@@ -152,6 +183,7 @@ class SecuritySettings:
 
 SECTIONS: dict[str, type] = {
     "targets": TargetSettings,
+    "collection": CollectionSettings,
     "server": ServerSettings,
     "engine": EngineSettings,
     "batcher": BatcherSettings,
@@ -190,6 +222,7 @@ class Settings:
     as shorthand: `Settings(dim=8, port=0).port` is `settings.server.port`."""
 
     targets: TargetSettings
+    collection: CollectionSettings
     server: ServerSettings
     engine: EngineSettings
     batcher: BatcherSettings
@@ -274,8 +307,27 @@ class Settings:
                 raise ConfigError(f"TLS file {tls_file} does not exist; check the path.")
         if self.token is not None and not self.token.strip():
             raise ConfigError("--token must not be empty; omit it to serve without auth.")
-        if self.npy is None and self.dim is None:
+        self._validate_collection()
+        if self.npy is None and self.dim is None and self.data_dir is None:
             raise ConfigError("Give --npy FILE, or --dim D to serve a generated demo set.")
+
+    def _validate_collection(self) -> None:
+        if self.key_type not in KEY_TYPES:
+            raise ConfigError(f"--key-type must be int or str, got {self.key_type!r}.")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise ConfigError(f"--max-rows must be at least 1, got {self.max_rows}.")
+        if not self.compact_fraction > 0:
+            raise ConfigError(
+                f"--compact-fraction must be more than 0, got {self.compact_fraction:g}."
+            )
+        if self.compact_min_rows < 1:
+            raise ConfigError(
+                f"--compact-min-rows must be at least 1, got {self.compact_min_rows}."
+            )
+        if self.keys is not None and self.npy is None:
+            raise ConfigError("--keys names the keys of --npy's rows; give --npy too.")
+        if self.key_type == "str" and self.keys is None and self.npy is not None:
+            raise ConfigError("--key-type str needs --keys FILE: string keys for the --npy rows.")
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with leaves (by name) or whole sections changed."""

@@ -30,22 +30,44 @@ Progress = Callable[[int], None]  # raises to stop a long load between chunks
 
 
 @dataclass(frozen=True)
+class Loaded:
+    """What the loading thread made: the keyed engine, and the collection when writable."""
+
+    engine: Any  # flasma_ws.live_engine.LiveEngine: typed loosely (TensorFlow loads lazily)
+    collection: Any = None  # flasma_ws.collection.Collection with --data-dir
+
+
+@dataclass(frozen=True)
 class Parts:
     """What a ready service serves with. The batcher is built, not started."""
 
-    engine: Any  # flasma_ws.engine.Engine: typed loosely so that TensorFlow loads lazily
+    engine: Any
     codec: Codec
     batcher: Batcher
     info: dict[str, object]  # GET /info, but for "state"
+    collection: Any = None
 
 
-def assemble(settings: Settings, engine: Any, metrics: Metrics) -> Parts:
+def assemble(settings: Settings, loaded: Loaded, metrics: Metrics) -> Parts:
     """The codec, batcher and /info document for a loaded engine (on the event loop)."""
-    top_k = default_k(settings, engine.n)
+    from .write_codec import WriteCodec
+
+    engine, collection = loaded.engine, loaded.collection
+    writable = collection is not None
+    # A live collection changes size: k is bounded by max_k alone, and answers may be short.
+    n = engine.max_k if writable else engine.n
+    top_k = default_k(settings, n)
     limits = settings.limits
-    codec = Codec(engine.dim, engine.n, top_k, engine.max_k, limits.max_queries_per_frame)
+    writes = WriteCodec(engine.dim, engine.key_type, limits.max_queries_per_frame)
+    keyed = writable and engine.key_type == "int"
+    codec = Codec(engine.dim, n, top_k, engine.max_k, limits.max_queries_per_frame, writes, keyed)
     batcher = Batcher(engine, metrics, settings.batcher, settings.engine.max_batch)
-    return Parts(engine, codec, batcher, describe(settings, engine, top_k))
+    info = describe(settings, engine, top_k)
+    info["writable"] = writable
+    info["key_type"] = engine.key_type
+    if writable:
+        info.update(collection.describe())
+    return Parts(engine, codec, batcher, info, collection)
 
 
 def default_k(settings: Settings, n: int) -> int:
@@ -61,11 +83,13 @@ def default_k(settings: Settings, n: int) -> int:
     return n
 
 
-def load_engine(settings: Settings, started: float, progress: Progress) -> Any:
+def load_engine(settings: Settings, started: float, progress: Progress) -> Loaded:
     """Vectors read, matrix on the device, warmed up (in a worker thread)."""
     from .vectors import open_targets
 
     s = settings
+    if s.data_dir is not None:
+        return _load_collection(s, progress)
     began = time.perf_counter()
     # Importing TensorFlow takes seconds of mostly Python work, scanning the file mostly
     # numpy work that releases the GIL: do both at once.
@@ -78,13 +102,14 @@ def load_engine(settings: Settings, started: float, progress: Progress) -> Any:
     targets = open_targets(s.npy, s.dim, s.demo_size, s.demo_seed, s.drop_zero, progress=progress)
     scanned = time.perf_counter()
     importing.join()
-    from .engine import Engine, configure_threads
+    from .collection_startup import read_only_engine
+    from .engine import configure_threads
 
     imported = time.perf_counter()
     if not configure_threads(s.tf_interop_threads):
         log.info("TensorFlow already runs in this process; its thread settings stay.")
     _log_notes(s, targets)
-    engine = Engine(targets, s.engine, progress=progress)
+    engine = read_only_engine(s, targets, progress)
     copied = time.perf_counter()
     engine.warmup(progress=progress)
     warmed = time.perf_counter()
@@ -99,7 +124,18 @@ def load_engine(settings: Settings, started: float, progress: Progress) -> Any:
         len(engine.warmup_batches),
         warmed - copied,
     )
-    return engine
+    return Loaded(engine)
+
+
+def _load_collection(settings: Settings, progress: Progress) -> Loaded:
+    from .collection_startup import open_collection
+    from .engine import configure_threads
+
+    if not configure_threads(settings.tf_interop_threads):
+        log.info("TensorFlow already runs in this process; its thread settings stay.")
+    engine, collection = open_collection(settings, progress)
+    engine.warmup(progress=progress)
+    return Loaded(engine, collection)
 
 
 def describe(settings: Settings, engine: Any, top_k: int) -> dict[str, object]:
@@ -113,18 +149,24 @@ def describe(settings: Settings, engine: Any, top_k: int) -> dict[str, object]:
         "max_batch": s.max_batch,
         "top_k": top_k,
         "max_k": engine.max_k,
-        "source": "demo" if s.npy is None else str(Path(s.npy)),
+        "source": _source(s),
         "demo": None
         if s.npy is not None
         else {"size": s.demo_size, "seed": s.demo_seed, "dim": s.dim},
         "drop_zero": s.drop_zero,
-        "zero_rows_dropped": engine.targets.zero_rows,
+        "zero_rows_dropped": getattr(engine.targets, "zero_rows", 0),
         "max_queries_per_frame": s.max_queries_per_frame,
         "binary_header_bytes": protocol.BINARY_HEADER.size,
         # Which kernels answer: figures differ 3x between CPUs and kernel choices.
         "cpu": describe_cpu(),
         **{key: kernels[key] for key in ("onednn", "tf32", "blas_max_batch")},
     }
+
+
+def _source(settings: Settings) -> str:
+    if settings.data_dir is not None:
+        return f"data dir {settings.data_dir}"
+    return "demo" if settings.npy is None else str(Path(settings.npy))
 
 
 def _log_notes(settings: Settings, targets: Any) -> None:
