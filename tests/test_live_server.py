@@ -1,0 +1,207 @@
+"""A live collection served for real: writes over /ws and HTTP, answers checked against a
+float64 brute force over the rows live at that moment, restarts from the data directory."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+import websockets
+from reference import assert_exact_scores, reference_scores
+
+from flasma_ws.errors import ConfigError, StorageError
+from flasma_ws.protocol import Codec, encode_binary_query
+from flasma_ws.reference import unit_rows
+from flasma_ws.server import BackgroundServer
+from flasma_ws.settings import Settings
+from flasma_ws.vectors import load_matrix, open_targets
+from flasma_ws.write_codec import encode_binary_upsert
+
+DIM, N = 16, 300
+DEMO = {"dim": DIM, "demo_size": N, "demo_seed": 3}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("collection") / "data"
+
+
+@pytest.fixture(scope="module")
+def live(data_dir: Path) -> Iterator[BackgroundServer]:
+    settings = Settings(**DEMO, data_dir=data_dir, max_rows=N + 40, compact_min_rows=1_000_000)
+    with BackgroundServer(settings) as running:
+        yield running
+
+
+def model_start() -> dict[object, np.ndarray]:
+    rows = load_matrix(open_targets(None, DIM, N, 3))
+    return dict(enumerate(rows))
+
+
+async def call(url: str, *frames: dict) -> list[dict]:
+    async with websockets.connect(url) as ws:
+        for frame in frames:
+            await ws.send(orjson.dumps(frame))
+        answers = [orjson.loads(await ws.recv()) for _ in frames]
+    return sorted(answers, key=lambda a: a["id"])
+
+
+def assert_search_exact(url: str, model: dict[object, np.ndarray], queries: np.ndarray, k: int):
+    frames = [{"id": i, "embedding": q.tolist(), "k": k} for i, q in enumerate(queries)]
+    answers = asyncio.run(call(url, *frames))
+    keys = list(model)
+    index = {key: i for i, key in enumerate(keys)}
+    ref = reference_scores(np.stack(list(model.values())), queries)
+    for answer, ref_row in zip(answers, ref):
+        pairs = answer["result"]
+        assert len(pairs) == min(k, len(keys))
+        assert all(key in index for key, _ in pairs), "a deleted or unknown key came back"
+        rows = np.array([[index[key] for key, _ in pairs]])
+        scores = np.array([[score for _, score in pairs]])
+        assert_exact_scores(ref_row[None], rows, scores, k)
+
+
+def test_writes_are_seen_by_the_next_search_on_another_connection(live: BackgroundServer):
+    model = model_start()
+    rng = np.random.default_rng(1)
+    fresh = rng.standard_normal((5, DIM)).astype(np.float32)
+    items = [{"key": 1000 + i, "embedding": v.tolist()} for i, v in enumerate(fresh)]
+    items.append({"key": 7, "embedding": fresh[0].tolist()})  # replaces row 7: a tie with 1000
+    (answer,) = asyncio.run(call(live.url, {"id": 1, "op": "upsert", "items": items}))
+    assert answer == {"id": 1, "upserted": 6}
+    for i, v in enumerate(fresh):
+        model[1000 + i] = unit_rows(v)[0].astype(np.float32)
+    model.pop(7)
+    model[7] = unit_rows(fresh[0])[0].astype(np.float32)
+    (answer,) = asyncio.run(call(live.url, {"id": 2, "op": "delete", "keys": [3, 4, 99_999]}))
+    assert answer == {"id": 2, "deleted": 2}  # 99,999 never existed
+    model.pop(3), model.pop(4)
+    # A new connection, after the acknowledgements: it sees every write.
+    queries = np.concatenate([fresh, rng.standard_normal((6, DIM)).astype(np.float32)])
+    assert_search_exact(live.url, model, queries, 10)
+
+
+def test_get_returns_the_stored_normalized_vector_or_null(live: BackgroundServer):
+    vector = np.arange(1, DIM + 1, dtype=np.float32)
+    asyncio.run(
+        call(
+            live.url,
+            {"id": 1, "op": "upsert", "items": [{"key": 2000, "embedding": vector.tolist()}]},
+        )
+    )
+    (answer,) = asyncio.run(call(live.url, {"id": 5, "op": "get", "keys": [2000, 555_555, 2000]}))
+    first, missing, again = answer["items"]
+    assert missing is None and first == again and first["key"] == 2000
+    assert np.array_equal(np.float32(first["embedding"]), unit_rows(vector)[0].astype(np.float32))
+    got = httpx.get(f"{live.http_url}/vectors/2000").json()
+    assert got["key"] == 2000 and np.allclose(got["embedding"], first["embedding"])
+    absent = httpx.get(f"{live.http_url}/vectors/555555")
+    assert absent.status_code == 404 and absent.json()["error"]["code"] == "not_found"
+
+
+def test_bad_items_get_one_error_each_and_the_rest_apply(live: BackgroundServer):
+    good = [1.0] + [0.0] * (DIM - 1)
+    items = [
+        {"key": 3000, "embedding": good},
+        {"key": "x", "embedding": good},  # bad_key: this server has int keys
+        {"key": 3001, "embedding": [0.0] * DIM},  # bad_value: zero
+        {"key": 3002, "embedding": [1.0] * (DIM - 1)},  # bad_dimension
+        {"key": 3000, "embedding": good},  # bad_key: twice in one frame
+        {"key": -1, "embedding": good},  # bad_key: out of range
+        {"key": 3003},  # bad_request
+    ]
+    (answer,) = asyncio.run(call(live.url, {"id": 9, "op": "upsert", "items": items}))
+    assert answer["upserted"] == 1
+    codes = {e["index"]: e["code"] for e in answer["errors"]}
+    assert codes == {
+        1: "bad_key",
+        2: "bad_value",
+        3: "bad_dimension",
+        4: "bad_key",
+        5: "bad_key",
+        6: "bad_request",
+    }
+    assert all(e["message"] for e in answer["errors"])
+    (frame_error,) = asyncio.run(call(live.url, {"id": 10, "op": "upsert", "items": []}))
+    assert frame_error["error"]["code"] == "bad_request"
+
+
+def test_upserts_beyond_max_rows_get_full(live: BackgroundServer):
+    info = httpx.get(f"{live.http_url}/info").json()
+    room = info["max_rows"] - info["n"]
+    items = [{"key": 50_000 + i, "embedding": [1.0] * DIM} for i in range(room + 3)]
+    (answer,) = asyncio.run(call(live.url, {"id": 1, "op": "upsert", "items": items}))
+    assert answer["upserted"] == room
+    assert [e["code"] for e in answer["errors"]] == ["full"] * 3
+    # Replacing an existing key still works at the limit; deleting makes room.
+    (replace,) = asyncio.run(call(live.url, {"id": 2, "op": "upsert", "items": items[:1]}))
+    assert replace == {"id": 2, "upserted": 1}
+    deleted = httpx.post(f"{live.http_url}/vectors/delete", json={"keys": [50_000, 50_001]})
+    assert deleted.json() == {"deleted": 2}
+    added = httpx.post(f"{live.http_url}/vectors", json={"items": items[-1:]})
+    assert added.json() == {"upserted": 1}
+
+
+def test_binary_upsert_and_keyed_binary_answers(live: BackgroundServer):
+    rng = np.random.default_rng(5)
+    vectors = rng.standard_normal((3, DIM)).astype(np.float32)
+    big = [2**40, 2**40 + 1, 2**62]  # keys beyond u32: binary answers carry u64 keys
+
+    async def go() -> tuple[dict, tuple]:
+        async with websockets.connect(live.url) as ws:
+            await ws.send(encode_binary_upsert(77, big, vectors))
+            ack = orjson.loads(await ws.recv())
+            await ws.send(encode_binary_query(78, vectors[2], k=1))
+            return ack, Codec.decode_binary_result(await ws.recv())
+
+    ack, (request_id, rows, scores) = asyncio.run(go())
+    assert ack == {"id": 77, "upserted": 3}
+    assert request_id == 78 and rows.dtype == np.dtype("<u8") and int(rows[0, 0]) == 2**62
+    assert abs(float(scores[0, 0]) - 1.0) < 1e-6
+
+
+def test_restart_recovers_every_acknowledged_write(live: BackgroundServer, data_dir: Path):
+    before = httpx.get(f"{live.http_url}/info").json()["n"]
+    (answer,) = asyncio.run(call(live.url, {"id": 1, "op": "get", "keys": [1000, 7, 3, 2000]}))
+    live.stop()
+    with BackgroundServer(Settings(data_dir=data_dir)) as again:
+        assert httpx.get(f"{again.http_url}/info").json()["n"] == before
+        (after,) = asyncio.run(call(again.url, {"id": 1, "op": "get", "keys": [1000, 7, 3, 2000]}))
+    assert after["items"] == answer["items"] and answer["items"][2] is None
+
+
+def test_a_conflicting_start_is_refused(data_dir: Path):
+    with pytest.raises(ConfigError, match="already holds a collection"):
+        BackgroundServer(Settings(**DEMO, data_dir=data_dir, npy=data_dir / "x.npy")).start()
+    with pytest.raises(ConfigError, match="dimension"):
+        BackgroundServer(Settings(dim=DIM + 1, data_dir=data_dir)).start()
+
+
+def test_a_server_without_data_dir_refuses_writes_and_answers_gets():
+    with BackgroundServer(Settings(**DEMO)) as server:
+        frames = [
+            {"id": 1, "op": "upsert", "items": [{"key": 1, "embedding": [1.0] * DIM}]},
+            {"id": 2, "op": "get", "keys": [5]},
+        ]
+        refused, got = asyncio.run(call(server.url, *frames))
+        http = httpx.post(f"{server.http_url}/vectors/delete", json={"keys": [1]})
+    assert refused["error"]["code"] == "read_only" and "--data-dir" in refused["error"]["message"]
+    assert got["items"][0]["key"] == 5
+    assert http.status_code == 403 and http.json()["error"]["code"] == "read_only"
+
+
+def test_a_damaged_snapshot_is_refused_with_a_clear_message(tmp_path: Path):
+    data = tmp_path / "data"
+    with BackgroundServer(Settings(**DEMO, data_dir=data)):
+        pass
+    (vectors,) = data.glob("snapshots/*/vectors.npy")
+    raw = bytearray(vectors.read_bytes())
+    raw[-5] ^= 0xFF
+    vectors.write_bytes(bytes(raw))
+    with pytest.raises(StorageError):
+        BackgroundServer(Settings(data_dir=data)).start()
