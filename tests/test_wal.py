@@ -160,6 +160,23 @@ def test_a_checksum_failure_in_the_last_record_is_a_torn_tail(tmp_path: Path) ->
     assert segment.stat().st_size == ends[-2]
 
 
+def test_two_bad_final_records_and_zero_fill_are_one_torn_tail(tmp_path: Path) -> None:
+    segment, ends = written_log(tmp_path)
+    data = bytearray(segment.read_bytes())
+    data[ends[-2] - 2] ^= 0x01  # record 4's payload
+    data[ends[-1] - 2] ^= 0x01  # record 5's payload
+    segment.write_bytes(bytes(data) + bytes(4096))  # and zeros a file system may leave
+    assert [r.lsn for r in replayed(tmp_path)] == [1, 2, 3]
+    assert segment.stat().st_size == ends[-3]
+
+
+def test_a_file_that_is_not_a_segment_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "wal").mkdir()
+    (tmp_path / "wal" / f"wal-{1:020d}.log").write_bytes(b"not a wal segment at all")
+    with pytest.raises(StorageError, match="not a flasma-ws WAL segment"):
+        list(WriteAheadLog(tmp_path, DIM, "int").replay(0))
+
+
 @pytest.mark.parametrize("where", ["payload", "length"])
 def test_a_bad_record_with_valid_records_after_it_is_corruption(tmp_path: Path, where: str) -> None:
     segment, ends = written_log(tmp_path)
