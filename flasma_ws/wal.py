@@ -526,7 +526,8 @@ class GroupCommitter:
     with one write and one fsync, calls `on_durable(records)` (lsn order, in this thread:
     the server applies them to the engine there), then resolves each future with its lsn.
 
-    LSNs follow submission order: the queue is FIFO and the thread takes it whole. A future
+    LSNs follow submission order: the queue is FIFO and the thread takes it in order (all of
+    it, up to MAX_GROUP_BYTES of vectors a group). A future
     never resolves before its record is fsync'd; a failed write or fsync fails the group's
     futures with StorageError, and every later one (the log refuses appends). If on_durable
     raises, the group's records are durable (a restart replays them) but their futures carry
