@@ -5,17 +5,26 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from flasma_ws.cli import app
+from flasma_ws.client import TopK
 from flasma_ws.errors import ConfigError
 from flasma_ws.loadtest import check_answer, http_base, parse_sweep
+from flasma_ws.loadtest.live_verify import LiveCheck
+from flasma_ws.loadtest.run import TimedAnswer
+from flasma_ws.loadtest.verify import ServerMatrix
+from flasma_ws.loadtest.writes import KEY_BASE, WriteLog
+from flasma_ws.reference import unit_rows
 from flasma_ws.server import BackgroundServer
 from flasma_ws.settings import Settings
+from flasma_ws.vectors import open_targets
 
 SETTINGS = Settings(dim=16, demo_size=2000, demo_seed=7, port=0)
 LATENCY_KEYS = {"p50", "p90", "p95", "p99", "max"}
@@ -222,3 +231,158 @@ def test_token(tmp_path: Path) -> None:
                 "--url", guarded.url, "--count", "5", "--token", "s3cret", "--verify", "3", *mode
             )
             assert code == 0, output
+
+
+# -- --write-ratio: a live collection ----------------------------------------------------------
+LIVE = Settings(dim=16, demo_size=2000, demo_seed=7, port=0, compact_min_rows=1_000_000)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServer]:
+    """A writable server: the demo set imported into a fresh --data-dir."""
+    data_dir = tmp_path_factory.mktemp("live") / "data"
+    with BackgroundServer(LIVE.replace(data_dir=data_dir)) as running:
+        yield running
+
+
+def live_rows(server: BackgroundServer) -> int:
+    return int(httpx.get(f"{http_base(server.url)}/info", trust_env=False).json()["n"])
+
+
+@pytest.mark.parametrize("mode", [[], ["--binary", "--multi", "2"], ["--http"]])
+def test_write_ratio_verify_stays_exact(
+    live: BackgroundServer, tmp_path: Path, mode: list[str]
+) -> None:
+    report, output = loadtest_report(
+        tmp_path,
+        "--url",
+        live.url,
+        "--write-ratio",
+        "0.2",
+        "--connections",
+        "2",
+        "--inflight",
+        "4",
+        "--count",
+        "600",
+        "--verify",
+        "200",
+        *mode,
+    )
+    writes = report["writes"]
+    assert writes["sent"] > 0 and writes["acknowledged"] == writes["sent"]
+    assert writes["errors"] == {} and writes["keys_written"] < writes["sent"]  # re-upserts too
+    assert 0 < writes["latency_ms"]["p50"] <= writes["latency_ms"]["p99"]
+    assert writes["latency_ms"]["p99"] <= writes["latency_ms"]["max"]
+    assert report["exact"] and report["verified"] == 200 and report["recall"] == 1.0
+    assert report["answered"] == report["sent"] > 0 and report["errors"] == {}
+    assert "writes/s" in output and "ack p99" in output
+    assert live_rows(live) == LIVE.demo_size  # the run's keys were deleted after it
+
+
+def test_write_ratio_open_loop(live: BackgroundServer, tmp_path: Path) -> None:
+    report, _ = loadtest_report(
+        tmp_path,
+        "--url",
+        live.url,
+        "--write-ratio",
+        "0.5",
+        "--rate",
+        "300",
+        "--duration",
+        "0.5",
+        "--verify",
+        "50",
+    )
+    assert report["loop"] == "open" and report["exact"]
+    assert report["writes"]["acknowledged"] == report["writes"]["sent"] > 0
+
+
+def test_write_ratio_against_a_read_only_server_exits_1(server: BackgroundServer) -> None:
+    code, output = loadtest("--url", server.url, "--write-ratio", "0.1", "--count", "5")
+    assert code == 1 and output.strip().count("\n") == 0
+    assert "read-only" in output and "--data-dir" in output
+
+
+def test_verify_under_writes_catches_a_wrong_reference(
+    live: BackgroundServer, tmp_path: Path
+) -> None:
+    other = tmp_path / "other.npy"
+    np.save(other, np.random.default_rng(99).standard_normal((LIVE.demo_size, LIVE.dim)))
+    code, output = loadtest(
+        "--url",
+        live.url,
+        "--write-ratio",
+        "0.3",
+        "--count",
+        "50",
+        "--verify",
+        "20",
+        "--npy",
+        str(other),
+    )
+    assert code == 1 and "not exact" in output
+
+
+def _timed(check: LiveCheck, sent: float, answered: float, ids: list[int], scores: list[float]):
+    """One answer to query 0 of `query`, sent at `sent` and answered by `answered`."""
+    result = TopK(np.array(ids, np.int64), np.array(scores, np.float32))
+    answer = TimedAnswer(0, sent, answered, result)
+    return check.check([answer], QUERY, 1)
+
+
+def _reference(v: np.ndarray) -> float:
+    return float(unit_rows(QUERY)[0] @ unit_rows(v)[0])
+
+
+DIM, ROWS = 8, 50
+QUERY = np.random.default_rng(5).standard_normal((1, DIM)).astype(np.float32)
+
+
+def _live_check() -> tuple[LiveCheck, np.ndarray, np.ndarray, np.ndarray]:
+    """Our key written twice: v1 sent at 1, acknowledged at 2; v2 sent at 3, never acknowledged
+    (in flight, or lost). v2 is the query itself, v1 its opposite."""
+    matrix = ServerMatrix(open_targets(None, DIM, ROWS, 1))
+    v1, v2 = -QUERY[0], QUERY[0].copy()
+    log = WriteLog([0, 0], [v1, v2], [1.0, 3.0], [2.0, float("inf")])
+    base = matrix.scores(QUERY)[0]
+    return LiveCheck(matrix, log, 3), base, v1, v2
+
+
+def test_live_check_accepts_every_possible_state_and_nothing_else() -> None:
+    check, base, v1, v2 = _live_check()
+    top = np.argsort(-base, kind="stable")
+    own = KEY_BASE
+    # While v2 is in flight (3.5 .. 4), the key holds v1 or v2: both answers are right.
+    with_v2 = [own, int(top[0]), int(top[1])], [_reference(v2), base[top[0]], base[top[1]]]
+    assert _timed(check, 3.5, 4.0, *with_v2).exact
+    without = [int(r) for r in top[:3]], [float(base[r]) for r in top[:3]]
+    assert _timed(check, 3.5, 4.0, *without).exact  # v1 scores -1: not in the top 3
+    # Between the acknowledgement of v1 and the send of v2 it holds v1 only.
+    verdict = _timed(check, 2.5, 2.8, *with_v2)
+    assert not verdict.exact and "matches none" in verdict.examples[0]
+    # Before v1 was sent, the key did not exist.
+    verdict = _timed(check, 0.1, 0.5, *with_v2)
+    assert not verdict.exact and "matches none" in verdict.examples[0]
+    # A score no state explains, and a server row's wrong score.
+    bad = [own, int(top[0]), int(top[1])], [0.123, base[top[0]], base[top[1]]]
+    assert not _timed(check, 3.5, 4.0, *bad).exact
+    off = (
+        [int(r) for r in top[:3]],
+        [float(base[r]) for r in top[:2]] + [float(base[top[2]]) - 1e-3],
+    )
+    assert not _timed(check, 3.5, 4.0, *off).exact
+
+
+def test_live_check_misses_no_certain_row() -> None:
+    check, base, _, _ = _live_check()
+    top = np.argsort(-base, kind="stable")
+    skipped = [int(r) for r in (top[0], top[1], top[3])], [float(base[r]) for r in top[[0, 1, 3]]]
+    verdict = _timed(check, 3.5, 4.0, *skipped)
+    assert not verdict.exact and "missing" in verdict.examples[0] and verdict.recall < 1
+    twice = [int(top[0]), int(top[0]), int(top[1])], [float(base[r]) for r in top[[0, 0, 1]]]
+    assert "twice" in _timed(check, 3.5, 4.0, *twice).examples[0]
+    unordered = [int(r) for r in top[[1, 0, 2]]], [float(base[r]) for r in top[[1, 0, 2]]]
+    assert "descending" in _timed(check, 3.5, 4.0, *unordered).examples[0]
+    stranger = [KEY_BASE + 7, int(top[0]), int(top[1])], [0.9, base[top[0]], base[top[1]]]
+    assert "neither" in _timed(check, 3.5, 4.0, *stranger).examples[0]

@@ -79,9 +79,20 @@ def loadtest(
             help="The server's vectors, for --verify (demo sets are regenerated from /info)."
         ),
     ] = None,
+    write_ratio: Annotated[
+        float,
+        typer.Option(
+            help="Share of the requests that are one-row upserts (0 to 1), of new keys and of "
+            "keys written earlier in the run, from 2^52 up; deleted after the run. Needs a "
+            "server started with --data-dir."
+        ),
+    ] = 0.0,
     sweep: Annotated[
         str | None,
-        typer.Option(help="One run per value, e.g. connections=1,4,16,64 (or inflight=, rate=)."),
+        typer.Option(
+            help="One run per value, e.g. connections=1,4,16,64 (or inflight=, rate=, "
+            "write_ratio=)."
+        ),
     ] = None,
     json_out: Annotated[Path | None, typer.Option(help="Write the full report as JSON.")] = None,
     plot: Annotated[
@@ -124,6 +135,7 @@ def loadtest(
             seed=seed,
             token=token,
             time_limit_s=time_limit,
+            write_ratio=write_ratio,
         )
         swept = lt.parse_sweep(sweep) if sweep else None
         check_writable(json_out, "--json-out")  # before the run, not after it
@@ -140,6 +152,9 @@ def loadtest(
         fail(exc)
     if lt.nothing_answered(report):
         console.print("[red]No query was answered[/red] (see the errors column).")
+        raise typer.Exit(1)
+    if lt.nothing_acknowledged(report):
+        console.print("[red]No write was acknowledged[/red] (see the write errors column).")
         raise typer.Exit(1)
     if not lt.is_exact(report):
         console.print("[red]Some answers were not exact[/red] (see the recall column).")
@@ -178,16 +193,37 @@ def report_table(report: Report) -> Table:
     """A rich Table: one row per run (a sweep has one per point); latencies in ms."""
     points = report.runs
     verifying = any(p.verification is not None for p in points)
+    writing = any(p.writes is not None for p in points)
     table = Table(title=_title(report), title_justify="left")
     table.add_column("run")
     for name in ("q/s", "p50", "p90", "p95", "p99", "max"):
         table.add_column(name, justify="right")
     table.add_column("errors")
+    if writing:
+        for name in ("writes/s", "ack p50", "ack p99", "ack max"):
+            table.add_column(name, justify="right")
+        table.add_column("write errors")
     for name in ("batch", "engine", "cpu %", *(["recall"] if verifying else [])):
         table.add_column(name, justify="right")
     for p in points:
-        table.add_row(*_row(p), *([_recall_text(p.verification)] if verifying else []))
+        row = _row(p)
+        if writing:
+            row[8:8] = _write_cells(p)
+        table.add_row(*row, *([_recall_text(p.verification)] if verifying else []))
     return table
+
+
+def _write_cells(p: RunReport) -> list[str]:
+    """writes/s, acknowledgement p50/p99/max (ms) and write errors of one run."""
+    w = p.writes
+    if w is None:
+        return ["-"] * 5
+    lat = w.latency_ms
+    return [
+        f"{w.writes_per_s:,.0f}",
+        *(_ms(value) for value in (lat.p50, lat.p99, lat.max)),
+        _errors_text(w.errors),
+    ]
 
 
 def _row(p: RunReport) -> list[str]:
@@ -215,7 +251,8 @@ def _run_label(point: RunReport) -> str:
     rate = point.rate
     load = f"{rate:g}/s {point.arrival}" if rate else f"w={point.inflight}"
     multi = f" q={point.multi}" if point.multi > 1 else ""
-    return f"{point.mode} c={point.connections} {load}{multi}"
+    writes = f" writes {point.writes.ratio:.0%}" if point.writes is not None else ""
+    return f"{point.mode} c={point.connections} {load}{multi}{writes}"
 
 
 def _title(report: Report) -> str:
@@ -223,9 +260,11 @@ def _title(report: Report) -> str:
     n, dim, device = (server.n, server.dim, server.device) if server else (None, None, None)
     sent = sum(p.sent for p in points)
     unanswered = sum(p.unanswered for p in points)
+    writes = sum(p.writes.sent for p in points if p.writes is not None)
+    written = f", {counted(writes, 'write')}" if any(p.writes for p in points) else ""
     title = (
-        f"{points[0].url}: {n} x {dim} on {device}; {counted(sent, 'query', 'queries')} sent; "
-        "latency, engine time in ms"
+        f"{points[0].url}: {n} x {dim} on {device}; {counted(sent, 'query', 'queries')}"
+        f"{written} sent; latency, engine time in ms"
     )
     if unanswered:
         title += f", {unanswered:,} unanswered"

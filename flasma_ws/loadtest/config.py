@@ -10,7 +10,7 @@ from typing import Any, Literal
 from ..errors import ConfigError
 
 Arrival = Literal["constant", "poisson"]
-SWEEP_PARAMS = ("connections", "inflight", "rate")
+SWEEP_PARAMS = ("connections", "inflight", "rate", "write_ratio")
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class LoadConfig:
     seed: int = 0
     token: str | None = None  # Bearer token of a server started with --token
     time_limit_s: float = 300.0  # cap on the sending time of one run, warm-up included
+    write_ratio: float = 0.0  # share of the frames that are one-row upserts (writes.py)
 
     def __post_init__(self) -> None:
         checks = [
@@ -48,6 +49,7 @@ class LoadConfig:
             (1 <= self.multi <= 65_535, "--multi must be from 1 to 65535."),
             (self.verify >= 0, "--verify must not be negative."),
             (self.time_limit_s > 0, "--time-limit must be positive."),
+            (0 <= self.write_ratio <= 1, "--write-ratio must be from 0 to 1."),
             (not (self.http and self.binary), "--binary frames are WebSocket only; drop --http."),
             (not (self.http and self.multi > 1), "--multi frames are WebSocket only; drop --http."),
         ]
@@ -80,7 +82,9 @@ def parse_sweep(text: str) -> tuple[str, list[float]]:
             f"got {text!r}."
         )
     try:
-        parsed = [float(v) if name == "rate" else int(v) for v in values.split(",")]
+        parsed = [
+            float(v) if name in ("rate", "write_ratio") else int(v) for v in values.split(",")
+        ]
     except ValueError as exc:
         raise ConfigError(f"--sweep {name} values must be numbers; got {values!r}.") from exc
     return name, parsed

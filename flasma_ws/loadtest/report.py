@@ -14,6 +14,7 @@ import numpy as np
 from .config import LoadConfig
 from .remote import ServerCounters
 from .run import Measured, Recorder
+from .writes import Writer
 
 PERCENTILES = (50, 90, 95, 99)
 
@@ -47,6 +48,33 @@ class Verification:
     exact: bool
     inexact: int
     examples: list[str]  # the first few problems, "query 12: ..."
+
+
+@dataclass(frozen=True)
+class WriteReport:
+    """--write-ratio: the upserts sent while measuring and their acknowledgement latency (ms,
+    from the send, or in an open loop from the scheduled time, to the acknowledgement)."""
+
+    ratio: float
+    sent: int
+    acknowledged: int
+    writes_per_s: float  # acknowledged writes per second of the measured phase
+    latency_ms: Latency
+    errors: dict[str, int]  # write frames by error code
+    keys_written: int  # distinct keys of ours written to (all deleted after the run)
+
+    @classmethod
+    def of(cls, writer: Writer, wall_s: float) -> WriteReport:
+        r = writer.recorder
+        return cls(
+            writer.ratio,
+            r.sent,
+            r.acknowledged,
+            r.acknowledged / wall_s,
+            Latency.of(r.latencies),
+            dict(sorted(r.errors.items())),
+            writer.written,
+        )
 
 
 @dataclass(frozen=True)
@@ -88,6 +116,7 @@ class RunReport:
     timed_out: bool
     verification: Verification | None = None
     server: ServerSummary | None = None  # a single run's; a sweep holds it once
+    writes: WriteReport | None = None  # with --write-ratio; sent/answered/q/s: searches only
 
     @property
     def runs(self) -> list[RunReport]:
@@ -127,6 +156,13 @@ def nothing_answered(report: Report) -> bool:
     return any(run.sent and not run.answered for run in report.runs)
 
 
+def nothing_acknowledged(report: Report) -> bool:
+    """True if some run sent writes and got not a single acknowledgement back."""
+    return any(
+        run.writes and run.writes.sent and not run.writes.acknowledged for run in report.runs
+    )
+
+
 def is_exact(report: Report) -> bool:
     """False if any verified answer (of any sweep point) was not exact."""
     return all(run.verification is None or run.verification.exact for run in report.runs)
@@ -137,6 +173,7 @@ def build_report(
     recorder: Recorder,
     measured: Measured,
     verification: Verification | None,
+    writer: Writer | None = None,
 ) -> RunReport:
     errors = dict(sorted(recorder.errors.items()))
     closed = config.rate is None
@@ -162,6 +199,7 @@ def build_report(
         client_cpu_percent=100.0 * measured.cpu_share,
         timed_out=measured.timed_out,
         verification=verification,
+        writes=None if writer is None else WriteReport.of(writer, measured.wall_s),
     )
 
 

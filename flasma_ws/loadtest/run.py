@@ -4,7 +4,8 @@ measurement, drain) with their time limits.
 Closed loop: each connection keeps `inflight` requests outstanding (one coroutine per slot; no
 task per request). Open loop: each connection sends at rate/connections, constant or Poisson;
 latency is then measured from the request's scheduled time, so a slow server cannot hide its
-delay by slowing the sender (no coordinated omission).
+delay by slowing the sender (no coordinated omission). With --write-ratio, a share of the
+requests are upserts (writes.py), sent and timed the same way.
 """
 
 from __future__ import annotations
@@ -22,13 +23,27 @@ from typing import Any
 import httpx
 
 from ..client import ConnectionLost, TopK
+from ..errors import ServerError
 from .config import Arrival, LoadConfig
 from .remote import ServerCounters, scrape
 from .transport import CONNECTION_ERROR, Transport, exchange, outcome
 from .workload import Workload
+from .writes import Upsert, Writer, upsert_outcome
 
 PROGRESS_EVERY_S = 0.5
 DRAIN_GRACE_S = 10.0  # after the last send, how long answers still in flight may take
+WRITE = -1  # next_frame's answer when the next request is a write
+
+
+@dataclass(frozen=True, slots=True)
+class TimedAnswer:
+    """A search answer kept for --verify under writes: its frame, when it was sent (or in an
+    open loop scheduled, which is earlier) and when its answer had arrived."""
+
+    frame: int
+    sent: float
+    answered: float
+    result: TopK
 
 
 @dataclass(frozen=True)
@@ -89,8 +104,10 @@ class Run:
         config: LoadConfig,
         workload: Workload,
         on_progress: Callable[[LiveStatus], None] | None = None,
+        writer: Writer | None = None,
     ) -> None:
         self.config = config
+        self.writer = writer
         self.on_progress = on_progress
         self.workload = workload
         self.recorder = Recorder(workload.multi)
@@ -102,6 +119,11 @@ class Run:
         self._next = 0
         self._budget = math.ceil(config.count / workload.multi) if config.count else None
         self.captured: dict[int, TopK] = {}
+        # With writes, --verify checks a uniform sample of all answers (reservoir sampling),
+        # each with its times: the rows live when it ran depend on when that was.
+        self.timed: list[TimedAnswer] = []
+        self._answers_seen = 0
+        self._sample = random.Random(config.seed)
 
     def next_frame(self) -> int | None:
         """The index of the next frame to send, or None once the run stops sending."""
@@ -112,13 +134,28 @@ class Run:
                 self.stopped = True
                 return None
             self._budget -= 1
+        if self.writer is not None and self.writer.due():
+            return WRITE
         index = self._next
         self._next += 1
         return index % len(self.workload.frames)
 
-    def capture(self, frame: int, result: TopK) -> None:
-        if frame < self.workload.verify_frames and frame not in self.captured:
+    def capture(self, frame: int, result: TopK, sent: float) -> None:
+        if self.writer is not None:
+            self._keep_timed(TimedAnswer(frame, sent, time.perf_counter(), result))
+        elif frame < self.workload.verify_frames and frame not in self.captured:
             self.captured[frame] = result
+
+    def _keep_timed(self, answer: TimedAnswer) -> None:
+        """Algorithm R: after n answers, each is in the sample with probability size/n."""
+        size = self.workload.verify_frames
+        self._answers_seen += 1
+        if len(self.timed) < size:
+            self.timed.append(answer)
+        elif size:
+            slot = self._sample.randrange(self._answers_seen)
+            if slot < size:
+                self.timed[slot] = answer
 
     def finish(
         self, frame: int, measured: bool, since: float, code: str, result: TopK | None
@@ -130,13 +167,49 @@ class Run:
             self.recorder.failed(measured, code, now)
         else:
             self.recorder.ok(measured, now - since, now)
-            self.capture(frame, result)
+            self.capture(frame, result, since)
+
+    def finish_write(self, upsert: Upsert, future: asyncio.Future[dict[str, Any]]) -> None:
+        """Record a write's answer (or failure); after shutdown a failure is not counted."""
+        assert self.writer is not None
+        code = write_outcome(future)
+        self.writer.settle(upsert, code, counted=code == "ok" or not self.recorder.closed)
+
+
+def write_outcome(future: asyncio.Future[dict[str, Any]]) -> str:
+    """ "ok", or the error code of a finished write."""
+    if future.cancelled():
+        return CONNECTION_ERROR
+    exc = future.exception()
+    if exc is None:
+        return upsert_outcome(future.result())
+    return exc.code if isinstance(exc, ServerError) else CONNECTION_ERROR
+
+
+async def send_upsert(
+    run: Run, transport: Transport, measured: bool, due: float | None = None
+) -> asyncio.Future[dict[str, Any]] | None:
+    """Send the next upsert; its answer is recorded when it arrives. None: not sent."""
+    assert run.writer is not None
+    upsert = run.writer.begin(measured, due)
+    try:
+        future = await transport.send_write("upsert", [upsert.key], upsert.vector[None])
+    except ConnectionLost:
+        run.writer.settle(upsert, CONNECTION_ERROR, counted=not run.recorder.closed)
+        return None
+    future.add_done_callback(lambda f: run.finish_write(upsert, f))
+    return future
 
 
 async def _closed(run: Run, transport: Transport) -> None:
     """One in-flight slot of a connection: send, wait for the answer, repeat."""
     while (frame := run.next_frame()) is not None:
         measured = run.measuring
+        if frame == WRITE:
+            future = await send_upsert(run, transport, measured)
+            if future is not None:
+                await asyncio.wait([future])
+            continue
         run.recorder.started(measured)
         sent = time.perf_counter()
         code, result = await exchange(transport, frame)
@@ -178,6 +251,9 @@ def _open_send(run: Run, transport: Transport) -> Callable[[int, bool, float], A
     recorder = run.recorder
 
     async def send(frame: int, measured: bool, due: float) -> None:
+        if frame == WRITE:
+            await send_upsert(run, transport, measured, due)  # timed from `due` too
+            return
         recorder.started(measured)
         try:
             future = await transport.send(frame)
@@ -263,7 +339,7 @@ async def _measure(
     sending_ended = time.perf_counter()
     drained = await _drain(run, tasks, sending_ended + DRAIN_GRACE_S)
     cpu_s, cpu_wall_s = time.process_time() - cpu_start, time.perf_counter() - run.measure_start
-    end = run.recorder.last_done or sending_ended
+    end = max(run.recorder.last_done, _last_write(run)) or sending_ended
     after = await scrape(http, base)
     counters = after - before if before is not None and after is not None else None
     wall_s = max(end - run.measure_start, 1e-9)
@@ -287,9 +363,19 @@ async def _drain(run: Run, tasks: list[asyncio.Task[None]], until: float) -> boo
     """Wait until `until` at most for the senders to end and the answers in flight (an open
     loop's) to arrive; True if everything did."""
     await _wait(tasks, until - time.perf_counter())
-    while run.recorder.in_flight > 0 and time.perf_counter() < until:
+    while _in_flight(run) > 0 and time.perf_counter() < until:
         await asyncio.sleep(0.005)
-    return all(t.done() for t in tasks) and run.recorder.in_flight == 0
+    return all(t.done() for t in tasks) and _in_flight(run) == 0
+
+
+def _in_flight(run: Run) -> int:
+    """Requests sent and not answered: searches and writes."""
+    writes = run.writer.recorder.in_flight if run.writer is not None else 0
+    return run.recorder.in_flight + writes
+
+
+def _last_write(run: Run) -> float:
+    return run.writer.recorder.last_done if run.writer is not None else 0.0
 
 
 async def _wait(tasks: list[asyncio.Task[Any]], timeout: float) -> None:
@@ -322,3 +408,13 @@ async def fill_unsent(run: Run, transport: Transport) -> None:
     for frame in range(run.workload.verify_frames):
         if frame not in run.captured:
             run.captured[frame] = await (await transport.send(frame))
+
+
+async def fill_timed(run: Run, transport: Transport) -> None:
+    """With writes: searches after the load until the sample to verify is full."""
+    frame = 0
+    while len(run.timed) < run.workload.verify_frames:
+        sent = time.perf_counter()
+        result = await (await transport.send(frame))
+        run.timed.append(TimedAnswer(frame, sent, time.perf_counter(), result))
+        frame = (frame + 1) % len(run.workload.frames)

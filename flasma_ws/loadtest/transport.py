@@ -2,25 +2,32 @@
 
 A transport sends a frame and returns at once the future of its answer (a `TopK`, or
 `ServerError` with the server's code, or `ConnectionLost`), so that the closed loop (await it)
-and the open loop (a done callback) drive both kinds the same way.
+and the open loop (a done callback) drive both kinds the same way. Writes (--write-ratio) go
+over the same connections: `send_write` returns the future of the write's JSON answer.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from typing import Any, Literal, Protocol
 
 import httpx
+import numpy as np
+import orjson
+from websockets.exceptions import ConnectionClosed
 
 from ..client import Connection, ConnectionLost, TopK, top_k
 from ..errors import ServerError
+from ..keys import Key
 from ..protocol import decode_cos_answer
+from ..write_codec import encode_binary_upsert
 from .config import LoadConfig
 from .remote import ServerUnderTest, http_client
 from .workload import Workload
 
 CONNECTION_ERROR = "connection"  # errors-by-code key for a lost or refused connection
 _JSON = {"content-type": "application/json"}
+WriteOp = Literal["upsert", "delete"]
 
 
 class Transport(Protocol):
@@ -29,6 +36,13 @@ class Transport(Protocol):
     async def send(self, frame: int) -> asyncio.Future[TopK]:
         """Send workload frame `frame`; the future of its answer. ConnectionLost if it
         could not be sent."""
+        ...
+
+    async def send_write(
+        self, op: WriteOp, keys: list[int], vectors: np.ndarray | None = None
+    ) -> asyncio.Future[dict[str, Any]]:
+        """Send an upsert (`vectors`: (len(keys), dim) float32) or a delete; the future of its
+        JSON answer ({"upserted": n} ...). ConnectionLost if it could not be sent."""
         ...
 
     async def close(self) -> None:
@@ -56,18 +70,92 @@ async def exchange(transport: Transport, frame: int) -> tuple[str, TopK | None]:
         return CONNECTION_ERROR, None
 
 
+def write_body(op: WriteOp, keys: list[int], vectors: np.ndarray | None) -> dict[str, Any]:
+    """The JSON fields of an upsert or a delete (a /ws frame adds "id" and "op")."""
+    if op == "delete":
+        return {"keys": keys}
+    assert vectors is not None
+    return {"items": [{"key": key, "embedding": v} for key, v in zip(keys, vectors)]}
+
+
+class MixedConnection(Connection):
+    """A `Connection` that also carries writes: their JSON answers ({"upserted"} or
+    {"deleted"}, or an error naming a write's id) resolve the write's future; every other
+    answer goes to the searches as before."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._writes: dict[int, asyncio.Future[dict[str, Any]]] = {}
+
+    async def send_write(self, build: Any, binary: bool) -> asyncio.Future[dict[str, Any]]:
+        """Send the frame `build(request_id)`; the future of its JSON answer."""
+        if self._ws is None:
+            await self.connect()
+        ws = self._ws
+        if ws is None:
+            raise ConnectionLost(f"The connection to {self.url} closed right after opening.")
+        request_id = next(self._ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._writes[request_id] = future
+        try:
+            await ws.send(build(request_id), text=not binary)
+        except ConnectionClosed as exc:
+            self._writes.pop(request_id, None)
+            self._drop(ws)
+            raise ConnectionLost(f"The connection to {self.url} closed ({exc}).") from exc
+        return future
+
+    def _resolve(self, message: str | bytes) -> None:
+        if self._writes and isinstance(message, str) and '"result' not in message:
+            answer = orjson.loads(message)
+            future = self._writes.pop(answer.get("id"), None)
+            if future is not None:
+                if not future.done():
+                    error = answer.get("error")
+                    if error is not None:
+                        future.set_exception(ServerError(error["code"], error["message"]))
+                    else:
+                        future.set_result(answer)
+                return
+        super()._resolve(message)
+
+    def _fail_pending(self, exc: ConnectionLost) -> None:
+        writes, self._writes = self._writes, {}
+        for future in writes.values():
+            if not future.done():
+                future.set_exception(exc)
+                future.exception()  # retrieved: a write abandoned at close must not warn
+        super()._fail_pending(exc)
+
+
 class WsTransport:
     """One pipelined WebSocket `Connection`: any number of frames in flight."""
 
     def __init__(self, server: ServerUnderTest, workload: Workload, token: str | None) -> None:
-        self.connection = Connection(server.ws_url, connect_attempts=2, token=token)
+        self.connection = MixedConnection(server.ws_url, connect_attempts=2, token=token)
         self.frames = workload.frames
+        self.binary = bool(workload.frames) and getattr(workload.frames[0], "binary", False)
 
     async def open(self) -> None:
         await self.connection.connect()
 
     async def send(self, frame: int) -> asyncio.Future[TopK]:
         return await self.connection.send(self.frames[frame])  # type: ignore[arg-type]
+
+    async def send_write(
+        self, op: WriteOp, keys: list[int], vectors: np.ndarray | None = None
+    ) -> asyncio.Future[dict[str, Any]]:
+        if op == "upsert" and self.binary:
+            assert vectors is not None
+            frame_keys: list[Key] = list(keys)
+            return await self.connection.send_write(
+                lambda request_id: encode_binary_upsert(request_id, frame_keys, vectors), True
+            )
+        body = orjson.dumps(write_body(op, keys, vectors), option=orjson.OPT_SERIALIZE_NUMPY)
+        head = b'{"id":%d,"op":"' + op.encode() + b'",'
+        return await self.connection.send_write(
+            lambda request_id: head % request_id + body[1:], False
+        )
 
     async def close(self) -> None:
         await self.connection.close()
@@ -82,11 +170,12 @@ class HttpTransport:
     """
 
     def __init__(self, server: ServerUnderTest, workload: Workload, token: str | None) -> None:
+        self.base = server.http_url
         self.url = f"{server.http_url}/cos"
         self.client = http_client(token)
         self.lock = asyncio.Lock()
         self.bodies = workload.frames
-        self.tasks: set[asyncio.Task[TopK]] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()
 
     async def open(self) -> None:
         """Connects on the first request."""
@@ -97,12 +186,32 @@ class HttpTransport:
         task.add_done_callback(self.tasks.discard)
         return task
 
-    async def post(self, body: bytes) -> TopK:
+    async def send_write(
+        self, op: WriteOp, keys: list[int], vectors: np.ndarray | None = None
+    ) -> asyncio.Future[dict[str, Any]]:
+        body = orjson.dumps(write_body(op, keys, vectors), option=orjson.OPT_SERIALIZE_NUMPY)
+        route = "/vectors" if op == "upsert" else "/vectors/delete"
+        task = asyncio.get_running_loop().create_task(self.post_write(route, body))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def post_write(self, route: str, body: bytes) -> dict[str, Any]:
+        response = await self._post(f"{self.base}{route}", body)
+        answer = orjson.loads(response.content)
+        if "error" in answer:
+            raise ServerError(answer["error"]["code"], answer["error"]["message"])
+        return answer  # type: ignore[no-any-return]
+
+    async def _post(self, url: str, body: bytes) -> httpx.Response:
         async with self.lock:
             try:
-                response = await self.client.post(self.url, content=body, headers=_JSON)
+                return await self.client.post(url, content=body, headers=_JSON)
             except httpx.HTTPError as exc:
-                raise ConnectionLost(f"POST {self.url} failed: {exc}") from exc
+                raise ConnectionLost(f"POST {url} failed: {exc}") from exc
+
+    async def post(self, body: bytes) -> TopK:
+        response = await self._post(self.url, body)
         answer = decode_cos_answer(response.content)
         if answer.error is not None:
             raise ServerError(*answer.error)

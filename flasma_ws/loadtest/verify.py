@@ -31,6 +31,13 @@ class ServerMatrix:
     def for_server(cls, info: dict[str, Any], npy: Path | None) -> ServerMatrix:
         """The demo set /info describes, or `npy` (legacy files need /info's dim)."""
         targets = _server_targets(info, npy)
+        if info.get("writable") and targets.dim == info["dim"] and targets.n != info["n"]:
+            raise ConfigError(
+                f"The server holds {info['n']} live rows, but the reference has {targets.n}: "
+                "--verify on a live collection needs its rows to be exactly the --npy file or "
+                "demo set (rows written since, or left by an interrupted load test from key "
+                "2^52 up, cannot be checked)."
+            )
         if (targets.n, targets.dim) != (info["n"], info["dim"]):
             raise ConfigError(
                 f"The reference has {targets.n} vectors of dim {targets.dim}, but the server "
