@@ -21,6 +21,7 @@ import random
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,7 @@ class Writer:
                     while len(pending) < PIPELINE:
                         next_id += 1
                         frame, pending[next_id] = self.frame(next_id)
-                        await ws.send(frame)
+                        await ws.send(frame.decode())
                     answer = orjson.loads(await ws.recv())
                     touched = pending.pop(answer["id"])
                     if "error" in answer or answer.get("errors"):
@@ -132,7 +133,7 @@ async def read_back(url: str, wanted: list[int]) -> dict[int, np.ndarray | None]
     async with websockets.connect(url, max_size=None) as ws:
         for start in range(0, len(wanted), 1000):
             chunk = wanted[start : start + 1000]
-            await ws.send(orjson.dumps({"id": start, "op": "get", "keys": chunk}))
+            await ws.send(orjson.dumps({"id": start, "op": "get", "keys": chunk}).decode())
             answer = orjson.loads(await ws.recv())
             for key, item in zip(chunk, answer["items"]):
                 found[key] = None if item is None else np.asarray(item["embedding"], np.float32)
@@ -149,7 +150,7 @@ async def deleted_not_found(url: str, keys: dict[int, KeyHistory], found: dict) 
     ][:50]
     async with websockets.connect(url, max_size=None) as ws:
         for i, (key, vector) in enumerate(probes):
-            await ws.send(orjson.dumps({"id": i, "embedding": vector.tolist(), "k": 5}))
+            await ws.send(orjson.dumps({"id": i, "embedding": vector.tolist(), "k": 5}).decode())
             answer = orjson.loads(await ws.recv())
             if key in [pair[0] for pair in answer["result"]]:
                 problems.append(f"deleted key {key} came back from a search")
@@ -189,7 +190,11 @@ async def one_cycle(server: ServerProcess, keys: dict[int, KeyHistory], rng: ran
     return sum(await asyncio.gather(*tasks))
 
 
-def run(cycles: int, workdir: Path, seed: int = 0) -> Outcome:
+def run(
+    cycles: int, workdir: Path, seed: int = 0, after_kill: Callable[[Path], None] | None = None
+) -> Outcome:
+    """`after_kill(data_dir)` may damage the directory between kill and restart: the tests
+    use it to show that a lost write would be caught."""
     rng = random.Random(seed)
     data = workdir / "data"
     outcome = Outcome()
@@ -200,6 +205,8 @@ def run(cycles: int, workdir: Path, seed: int = 0) -> Outcome:
     )
     for cycle in range(cycles):
         outcome.acked_writes += asyncio.run(one_cycle(server, keys, rng))
+        if after_kill is not None:
+            after_kill(data)
         log = workdir / f"serve-{cycle + 1}.log"
         server = wait_ready(launch(log, "--data-dir", str(data), *SERVE_ARGS))
         found = asyncio.run(read_back(server.url, sorted(keys)))

@@ -26,6 +26,10 @@ DIM, N = 16, 300
 DEMO = {"dim": DIM, "demo_size": N, "demo_seed": 3}
 
 
+def serving(**values: object) -> Settings:
+    return Settings(port=0, **values)  # any free loopback port
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("collection") / "data"
@@ -33,7 +37,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def live(data_dir: Path) -> Iterator[BackgroundServer]:
-    settings = Settings(**DEMO, data_dir=data_dir, max_rows=N + 40, compact_min_rows=1_000_000)
+    settings = serving(**DEMO, data_dir=data_dir, max_rows=N + 40, compact_min_rows=1_000_000)
     with BackgroundServer(settings) as running:
         yield running
 
@@ -46,7 +50,7 @@ def model_start() -> dict[object, np.ndarray]:
 async def call(url: str, *frames: dict) -> list[dict]:
     async with websockets.connect(url) as ws:
         for frame in frames:
-            await ws.send(orjson.dumps(frame))
+            await ws.send(orjson.dumps(frame).decode())
         answers = [orjson.loads(await ws.recv()) for _ in frames]
     return sorted(answers, key=lambda a: a["id"])
 
@@ -145,6 +149,8 @@ def test_upserts_beyond_max_rows_get_full(live: BackgroundServer):
     assert deleted.json() == {"deleted": 2}
     added = httpx.post(f"{live.http_url}/vectors", json={"items": items[-1:]})
     assert added.json() == {"upserted": 1}
+    cleanup = {"keys": [item["key"] for item in items]}
+    assert httpx.post(f"{live.http_url}/vectors/delete", json=cleanup).json()["deleted"] == room - 1
 
 
 def test_binary_upsert_and_keyed_binary_answers(live: BackgroundServer):
@@ -169,7 +175,7 @@ def test_restart_recovers_every_acknowledged_write(live: BackgroundServer, data_
     before = httpx.get(f"{live.http_url}/info").json()["n"]
     (answer,) = asyncio.run(call(live.url, {"id": 1, "op": "get", "keys": [1000, 7, 3, 2000]}))
     live.stop()
-    with BackgroundServer(Settings(data_dir=data_dir)) as again:
+    with BackgroundServer(serving(data_dir=data_dir)) as again:
         assert httpx.get(f"{again.http_url}/info").json()["n"] == before
         (after,) = asyncio.run(call(again.url, {"id": 1, "op": "get", "keys": [1000, 7, 3, 2000]}))
     assert after["items"] == answer["items"] and answer["items"][2] is None
@@ -177,13 +183,13 @@ def test_restart_recovers_every_acknowledged_write(live: BackgroundServer, data_
 
 def test_a_conflicting_start_is_refused(data_dir: Path):
     with pytest.raises(ConfigError, match="already holds a collection"):
-        BackgroundServer(Settings(**DEMO, data_dir=data_dir, npy=data_dir / "x.npy")).start()
+        BackgroundServer(serving(**DEMO, data_dir=data_dir, npy=data_dir / "x.npy")).start()
     with pytest.raises(ConfigError, match="dimension"):
-        BackgroundServer(Settings(dim=DIM + 1, data_dir=data_dir)).start()
+        BackgroundServer(serving(dim=DIM + 1, data_dir=data_dir)).start()
 
 
 def test_a_server_without_data_dir_refuses_writes_and_answers_gets():
-    with BackgroundServer(Settings(**DEMO)) as server:
+    with BackgroundServer(serving(**DEMO)) as server:
         frames = [
             {"id": 1, "op": "upsert", "items": [{"key": 1, "embedding": [1.0] * DIM}]},
             {"id": 2, "op": "get", "keys": [5]},
@@ -197,11 +203,60 @@ def test_a_server_without_data_dir_refuses_writes_and_answers_gets():
 
 def test_a_damaged_snapshot_is_refused_with_a_clear_message(tmp_path: Path):
     data = tmp_path / "data"
-    with BackgroundServer(Settings(**DEMO, data_dir=data)):
+    with BackgroundServer(serving(**DEMO, data_dir=data)):
         pass
     (vectors,) = data.glob("snapshots/*/vectors.npy")
     raw = bytearray(vectors.read_bytes())
     raw[-5] ^= 0xFF
     vectors.write_bytes(bytes(raw))
     with pytest.raises(StorageError):
-        BackgroundServer(Settings(data_dir=data)).start()
+        BackgroundServer(serving(data_dir=data)).start()
+
+
+def test_compaction_while_serving_keeps_answers_exact_and_survives_a_restart(tmp_path: Path):
+    data = tmp_path / "data"
+    settings = serving(**DEMO, data_dir=data, compact_min_rows=20, compact_fraction=0.01)
+    model = model_start()
+    rng = np.random.default_rng(9)
+    with BackgroundServer(settings) as server:
+        for frame in range(6):  # 6 x 10 upserts and a delete each: several compactions
+            vectors = rng.standard_normal((10, DIM)).astype(np.float32)
+            keys = [5000 + frame * 10 + i for i in range(10)]
+            items = [{"key": k, "embedding": v.tolist()} for k, v in zip(keys, vectors)]
+            asyncio.run(call(server.url, {"id": 1, "op": "upsert", "items": items}))
+            asyncio.run(call(server.url, {"id": 2, "op": "delete", "keys": [frame]}))
+            for key, vector in zip(keys, vectors):
+                model[key] = unit_rows(vector)[0].astype(np.float32)
+            model.pop(frame)
+            assert_search_exact(server.url, model, rng.standard_normal((4, DIM)), 8)
+        info = httpx.get(f"{server.http_url}/info").json()
+    assert info["compactions"] >= 1 and info["n"] == len(model)
+    assert len(list(data.glob("snapshots/snap-*"))) == 1  # older snapshots retired
+    with BackgroundServer(serving(data_dir=data)) as again:
+        assert_search_exact(again.url, model, rng.standard_normal((4, DIM)), 8)
+
+
+def test_string_keys_from_a_keys_file(tmp_path: Path):
+    rows = np.random.default_rng(2).standard_normal((50, DIM)).astype(np.float32)
+    np.save(tmp_path / "v.npy", rows)
+    (tmp_path / "keys.txt").write_text("".join(f"doc-{i}\n" for i in range(50)))
+    settings = serving(
+        npy=tmp_path / "v.npy", keys=tmp_path / "keys.txt", key_type="str", data_dir=tmp_path / "d"
+    )
+    with BackgroundServer(settings) as server:
+        item = {"key": "new", "embedding": rows[3].tolist()}
+        frames = [
+            {"id": 1, "op": "upsert", "items": [item]},
+            {"id": 2, "op": "delete", "keys": ["doc-3"]},
+        ]
+        asyncio.run(call(server.url, *frames))
+        (answer,) = asyncio.run(call(server.url, {"id": 3, "embedding": rows[3].tolist(), "k": 2}))
+        binary = asyncio.run(_binary_query(server.url, rows[3]))
+    assert answer["result"][0][0] == "new" and "doc-3" not in [k for k, _ in answer["result"]]
+    assert binary["results"][0][0][0] == "new"  # a str-key server answers binary in JSON
+
+
+async def _binary_query(url: str, vector: np.ndarray) -> dict:
+    async with websockets.connect(url) as ws:
+        await ws.send(encode_binary_query(5, vector, k=2))
+        return orjson.loads(await ws.recv())
