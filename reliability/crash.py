@@ -58,6 +58,8 @@ class Outcome:
     cycles: int = 0
     acked_writes: int = 0
     checked_keys: int = 0
+    compacted_cycles: int = 0  # a new snapshot appeared during the cycle
+    killed_mid_compaction: int = 0  # a snapshot was being written at the kill
     problems: list[str] = field(default_factory=list)
 
 
@@ -204,7 +206,10 @@ def run(
         launch(workdir / "serve-0.log", "--data-dir", str(data), *first, *SERVE_ARGS)
     )
     for cycle in range(cycles):
+        snapshots_before = _snapshots(data)
         outcome.acked_writes += asyncio.run(one_cycle(server, keys, rng))
+        outcome.compacted_cycles += _snapshots(data) != snapshots_before
+        outcome.killed_mid_compaction += any(data.glob("snapshots/*.tmp"))
         if after_kill is not None:
             after_kill(data)
         log = workdir / f"serve-{cycle + 1}.log"
@@ -222,6 +227,10 @@ def run(
     return outcome
 
 
+def _snapshots(data: Path) -> list[str]:
+    return sorted(p.name for p in data.glob("snapshots/snap-*") if p.suffix != ".tmp")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=20)
@@ -233,7 +242,9 @@ def main() -> None:
     print(
         f"{outcome.cycles} kill -9 cycles in {time.perf_counter() - started:.0f} s: "
         f"{outcome.acked_writes:,} acknowledged write frames, {outcome.checked_keys:,} key "
-        f"checks, {len(outcome.problems)} problems"
+        f"checks; a compaction finished in {outcome.compacted_cycles} cycles, "
+        f"{outcome.killed_mid_compaction} kills landed while a snapshot was being written; "
+        f"{len(outcome.problems)} problems"
     )
     for problem in outcome.problems[:20]:
         print("  " + problem)
