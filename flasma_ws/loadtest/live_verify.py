@@ -36,11 +36,11 @@ accepted only if:
   3. no row that is certainly live and scores above T in every possible state (each server
      row; each key of ours acknowledged before t0) is missing from it.
 A wrong answer either returns a row that was not live (fails 2), gives a row a score that is
-not its score (fails 2), or leaves out a row that beats a returned one. The rows whose state is
-certain are checked exactly as `check_answer` checks them, up to the same tolerances: a missing
-one scoring above the k-th returned score by more than the tolerances fails 3. A key whose
-write was in flight can only be checked against every state it may have had: 2 holds it to one
-of them and 3 to the worst of them. No condition accepts a row, a score or an omission that no
+not its score (fails 2), or leaves out a row that beats a returned one. A row whose state is
+certain has one score, so it is held to the same tolerances as `check_answer` holds it: if it
+is returned its score must match, and if it is left out while scoring above the k-th returned
+score by more than the tolerances, 3 fails. A key whose write was in flight can only be checked
+against every state it may have had: 2 holds it to one of them and 3 to the worst of them. No condition accepts a row, a score or an omission that no
 possible state explains, so the check never accepts an answer that no state of the collection
 during its batch could have produced, up to the tolerances and to which rows were uncertain.
 It may reject a correct answer only in a chain of near-ties spanning more than the tolerances
