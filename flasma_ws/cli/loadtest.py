@@ -53,7 +53,10 @@ def loadtest(
         float | None,
         typer.Option(help="Seconds to measure (default 10 when --count is not given)."),
     ] = None,
-    count: Annotated[int | None, typer.Option(help="Queries to measure.")] = None,
+    count: Annotated[
+        int | None,
+        typer.Option(help="Queries to measure (with --write-ratio, write frames count too)."),
+    ] = None,
     warmup: Annotated[float, typer.Option(help="Seconds of unmeasured load first.")] = 0.0,
     k: Annotated[
         int | None, typer.Option(help="Results per query (default: the server's).")

@@ -40,11 +40,12 @@ not its score (fails 2), or leaves out a row that beats a returned one. A row wh
 certain has one score, so it is held to the same tolerances as `check_answer` holds it: if it
 is returned its score must match, and if it is left out while scoring above the k-th returned
 score by more than the tolerances, 3 fails. A key whose write was in flight can only be checked
-against every state it may have had: 2 holds it to one of them and 3 to the worst of them. No condition accepts a row, a score or an omission that no
-possible state explains, so the check never accepts an answer that no state of the collection
-during its batch could have produced, up to the tolerances and to which rows were uncertain.
-It may reject a correct answer only in a chain of near-ties spanning more than the tolerances
-(as check_answer may).
+against every state it may have had: 2 holds it to one of them and 3 to the worst of them.
+So every returned row, every score and every omission the check accepts is explained by a
+state that row may have had during the batch; what it does not check is that one state of the
+whole collection explains them all at once, which can only matter for rows whose writes were in
+flight. It may reject a correct answer only in a chain of near-ties spanning more than the
+tolerances (as check_answer may).
 
 Recall under writes is the share of the rows that condition 3 requires that the answer holds.
 """

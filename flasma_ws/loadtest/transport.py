@@ -106,7 +106,7 @@ class MixedConnection(Connection):
         return future
 
     def _resolve(self, message: str | bytes) -> None:
-        if self._writes and isinstance(message, str) and '"result' not in message:
+        if self._writes and isinstance(message, str):  # while writes are out: read the id
             answer = orjson.loads(message)
             future = self._writes.pop(answer.get("id"), None)
             if future is not None:
