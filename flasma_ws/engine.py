@@ -299,27 +299,47 @@ class Engine:
     def _in_dtype(self, queries: tf.Tensor) -> tf.Tensor:
         return tf.cast(queries, self.dtype)  # normalized on the host: `unit_queries`
 
-    def _matmul_graph(self, queries: tf.Tensor) -> tf.Tensor:
+    # The matrix and mask enter the traced functions as arguments, not captures: a captured
+    # tensor lives as long as the function, which sits in reference cycles that the frozen
+    # collector never breaks (service.py), so a retired base would never be freed.
+    def _graph_inputs(self) -> list[Any]:
+        return [*self._slab_tensors, self._tail, *self._bias_tensors]
+
+    def _input_specs(self) -> list[tf.TensorSpec]:
+        specs = [tf.TensorSpec(t.shape, t.dtype) for t in (*self._slab_tensors, self._tail)]
+        return specs + [tf.TensorSpec(b.shape, tf.float32) for b in self._bias_tensors]
+
+    def _unpack(self, inputs: tuple[Any, ...]) -> tuple[list[Any], Any, list[Any]]:
+        """(slabs, tail, biases per slab then the tail) from `_graph_inputs`' order."""
+        count = len(self.slabs)
+        biases = list(inputs[count + 1 :]) or [None] * (count + 1)
+        return list(inputs[:count]), inputs[count], biases
+
+    def _matmul_graph(self, queries: tf.Tensor, *inputs: tf.Tensor) -> tf.Tensor:
         """Score against every row like `_search_graph`, then only a row max."""
+        slabs, tail, _ = self._unpack(inputs)
         q = self._in_dtype(queries)
-        best = [tf.reduce_max(tf.matmul(q, slab), axis=1) for slab in self._slab_tensors]
+        best = [tf.reduce_max(tf.matmul(q, slab), axis=1) for slab in slabs]
         if self.n > self.n_main:
-            best.append(tf.reduce_max(tf.matmul(q, self._tail), axis=1))
+            best.append(tf.reduce_max(tf.matmul(q, tail), axis=1))
         return tf.cast(tf.reduce_max(tf.stack(best), axis=0), tf.float32)
 
-    def _search_graph(self, queries: tf.Tensor, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def _search_graph(
+        self, queries: tf.Tensor, k: tf.Tensor, *inputs: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        slabs, tail, biases = self._unpack(inputs)
         batch = tf.shape(queries)[0]
         q = self._in_dtype(queries)
         # Candidates from every slab, then the tail, in ascending column order (see the
         # module docstring: that order is what makes ties come out as a full top_k would).
         scores, columns = [], []
         alone = len(self.slabs) == 1
-        for i, ((lo, _), slab) in enumerate(zip(self.slabs, self._slab_tensors)):
-            values, cols = self._slab_candidates(q, slab, i, lo, k, batch, reduce=not alone)
+        for (lo, _), slab, bias in zip(self.slabs, slabs, biases):
+            values, cols = self._slab_candidates(q, slab, bias, lo, k, batch, reduce=not alone)
             scores.append(values)
             columns.append(cols)
         if self.n > self.n_main:
-            scores.append(self._scores(q, self._tail, -1))
+            scores.append(self._scores(q, tail, biases[-1]))
             tail = tf.range(self.n_main, self.n, dtype=tf.int32)
             columns.append(tf.broadcast_to(tail, (batch, self.n - self.n_main)))
         candidates = scores[0] if len(scores) == 1 else tf.concat(scores, axis=1)
@@ -327,17 +347,17 @@ class Engine:
         values, positions = tf.math.top_k(candidates, k)
         return tf.gather(candidate_columns, positions, batch_dims=1), values
 
-    def _scores(self, q: tf.Tensor, slab: tf.Tensor, index: int) -> tf.Tensor:
-        """float32 scores against one slab (index -1: the tail), plus its deletion bias.
-        BiasAdd right after MatMul is one fused oneDNN kernel on CPU."""
+    @staticmethod
+    def _scores(q: tf.Tensor, slab: tf.Tensor, bias: tf.Tensor | None) -> tf.Tensor:
+        """float32 scores against one slab, plus its deletion bias (a masked engine)."""
         s = tf.cast(tf.matmul(q, slab), tf.float32)
-        return tf.nn.bias_add(s, self._bias_tensors[index]) if self.masked else s
+        return s if bias is None else tf.nn.bias_add(s, bias)
 
     def _slab_candidates(
         self,
         q: tf.Tensor,
         slab: tf.Tensor,
-        index: int,
+        bias: tf.Tensor | None,
         first: int,
         k: tf.Tensor,
         batch: tf.Tensor,
@@ -347,7 +367,7 @@ class Engine:
         best blocks (sorted), or with `reduce` already cut to the slab's own exact top k, so
         that only (B, k) per slab outlives the slab's score matrix."""
         n_blocks = slab.shape[1] // self.block
-        s = self._scores(q, slab, index)
+        s = self._scores(q, slab, bias)
         blocks = tf.reshape(s, (batch, n_blocks, self.block))
         _, picked = tf.math.top_k(tf.reduce_max(blocks, axis=2), tf.minimum(k, n_blocks))
         picked = tf.sort(picked, axis=1)  # candidate order must follow column order
@@ -370,18 +390,21 @@ class Engine:
         fn = self._functions.get(id(trace))
         if fn is None:
             with tf.device(self.device):
-                fn = trace.get_concrete_function(tf.TensorSpec((None, self.dim), tf.float32), *more)
+                queries = tf.TensorSpec((None, self.dim), tf.float32)
+                fn = trace.get_concrete_function(queries, *more, *self._input_specs())
             self._functions[id(trace)] = fn
         return fn
 
     # -- public API --------------------------------------------------------------------
-    def warmup(self, progress: Callable[[int], None] | None = None) -> float:
-        """Trace the search and run it at each warm-up batch size, so that no request pays
-        for tracing or for TensorFlow's first run of a shape. Returns seconds. `progress` is
-        called with each batch size once it has run."""
+    def warmup(
+        self, progress: Callable[[int], None] | None = None, sizes: list[int] | None = None
+    ) -> float:
+        """Trace the search and run it at each warm-up batch size (`sizes`, default all), so
+        that no request pays for tracing or for TensorFlow's first run of a shape. Returns
+        seconds. `progress` is called with each batch size once it has run."""
         started = time.perf_counter()
         k = min(self.config.top_k, self.max_k)
-        for batch in self.warmup_batches:
+        for batch in sizes or self.warmup_batches:
             self.search(np.ones((batch, self.dim), np.float32), k)
             if progress is not None:
                 progress(batch)
@@ -417,7 +440,8 @@ class Engine:
             return self._blas.search(queries, k)
         try:
             search = self._concrete(self._trace, tf.TensorSpec((), tf.int32))
-            rows, scores = search(tf.constant(queries, tf.float32), tf.constant(k, tf.int32))
+            q, k_t = tf.constant(queries, tf.float32), tf.constant(k, tf.int32)
+            rows, scores = search(q, k_t, *self._graph_inputs())
             return rows.numpy().astype(np.int64), scores.numpy()
         except tf.errors.ResourceExhaustedError as exc:
             raise EngineOutOfMemory(
@@ -433,7 +457,8 @@ class Engine:
         scoring all N rows, a fetch to the host) except selecting the top k.
         `queries` is one piece, at most max_batch rows.
         """
-        best = self._concrete(self._matmul_trace)(tf.constant(unit_queries(queries)))
+        matmul = self._concrete(self._matmul_trace)
+        best = matmul(tf.constant(unit_queries(queries)), *self._graph_inputs())
         return best.numpy()
 
     # -- a live collection's deletions (engine thread, between searches) ----------------
@@ -467,6 +492,16 @@ class Engine:
                 gathered = tf.gather(slab, columns[picked] - lo, axis=1)
                 out[picked] = tf.cast(gathered, tf.float32).numpy().T
         return out
+
+    def release(self) -> None:
+        """Drop the matrix and the traced functions now. A retired base must not wait for
+        the garbage collector: its tf.function holds it in a reference cycle, and the server
+        freezes start-up objects out of the collector's sight (service.py), so it would
+        never be freed. The engine cannot search afterwards."""
+        self._functions.clear()
+        self._trace = self._matmul_trace = None
+        self._slab_tensors, self._tail, self._blas = [], None, None
+        self._bias, self._bias_tensors = [], []
 
     def host_slabs(self) -> list[tuple[int, np.ndarray]]:
         """(first column, (dim, width) float32 buffer) of the matrix where it lives in host

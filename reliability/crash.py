@@ -21,7 +21,6 @@ import random
 import signal
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,11 +191,7 @@ async def one_cycle(server: ServerProcess, keys: dict[int, KeyHistory], rng: ran
     return sum(await asyncio.gather(*tasks))
 
 
-def run(
-    cycles: int, workdir: Path, seed: int = 0, after_kill: Callable[[Path], None] | None = None
-) -> Outcome:
-    """`after_kill(data_dir)` may damage the directory between kill and restart: the tests
-    use it to show that a lost write would be caught."""
+def run(cycles: int, workdir: Path, seed: int = 0) -> Outcome:
     rng = random.Random(seed)
     data = workdir / "data"
     outcome = Outcome()
@@ -210,8 +205,6 @@ def run(
         outcome.acked_writes += asyncio.run(one_cycle(server, keys, rng))
         outcome.compacted_cycles += _snapshots(data) != snapshots_before
         outcome.killed_mid_compaction += any(data.glob("snapshots/*.tmp"))
-        if after_kill is not None:
-            after_kill(data)
         log = workdir / f"serve-{cycle + 1}.log"
         server = wait_ready(launch(log, "--data-dir", str(data), *SERVE_ARGS))
         found = asyncio.run(read_back(server.url, sorted(keys)))
