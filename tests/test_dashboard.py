@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -205,3 +206,41 @@ def test_the_charts_show_a_load_and_the_console_answers_exactly(page, server, ma
     page.click("#search")
     page.wait_for_selector("#console-error", state="visible")
     assert "16" in page.text_content("#console-error")
+
+
+# -- the JS client in Node -----------------------------------------------------------------
+NODE_SCRIPT = """
+import { FlasmaClient } from "%s";
+const [url, token] = process.argv.slice(2);
+const client = new FlasmaClient(url, { token, connectAttempts: 1 });
+try {
+  console.log(JSON.stringify(await client.query(new Array(16).fill(1), { k: 3 })));
+} catch (error) {
+  console.log(JSON.stringify({ refused: error.name }));
+}
+client.close();
+"""
+
+
+def node_query(server: BackgroundServer, token: str, tmp_path: Path) -> Any:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("No node here: the JS client's own test needs Node 20 or later.")
+    major = int(subprocess.run([node, "--version"], capture_output=True, text=True).stdout[1:3])
+    if major < 20:
+        pytest.skip(f"Node {major} has no WebSocket; the client needs Node 20 or later.")
+    script = tmp_path / "query.mjs"
+    script.write_text(NODE_SCRIPT % (ROOT / "clients/js/client.js").as_uri())
+    flags = ["--experimental-websocket"] if major < 22 else []
+    result = subprocess.run(
+        [node, *flags, str(script), server.url, token], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    return orjson.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_the_js_client_sends_its_token_as_a_subprotocol(server, matrix, tmp_path) -> None:
+    hits = node_query(server, TOKEN, tmp_path)
+    rows, _ = reference.brute_force(matrix, np.ones((1, 16)), 3)
+    assert [hit[0] for hit in hits] == rows[0].tolist()
+    assert node_query(server, "wrong", tmp_path) == {"refused": "FlasmaConnectionError"}
