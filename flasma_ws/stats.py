@@ -188,6 +188,8 @@ class StatsFeed:
     def document(self, since: float | None = None) -> dict[str, Any]:
         """The feed's metric part: series (one column per COLUMNS entry, intervals after
         `since`), totals since start, and the window's batch sizes and errors by code."""
+        if not self.snapshots:  # not started (an app driven without its lifespan)
+            self.sample()
         rows = [p for p in self.points if since is None or (p["t"] or 0.0) > since]
         first, last = self.snapshots[0], self.snapshots[-1]
         return {

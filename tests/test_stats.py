@@ -65,6 +65,11 @@ def test_the_ring_keeps_only_its_window() -> None:
     assert document["window_s"] == 5.0
 
 
+def test_a_feed_never_started_answers_with_no_series_yet() -> None:
+    document = StatsFeed(Metrics().registry).document()
+    assert document["series"]["t"] == [] and document["totals"]["queries"] == 0
+
+
 def stats(server, **params: object) -> httpx.Response:
     return httpx.get(f"{server.http_url}/stats", params=params, timeout=10, trust_env=False)
 
