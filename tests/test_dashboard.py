@@ -202,10 +202,50 @@ def test_the_charts_show_a_load_and_the_console_answers_exactly(page, server, ma
     assert "hits in" in page.text_content("#latency")
     assert page.is_hidden("#writes")  # no keyed writes on this server (/info: no "writable")
 
+    page.fill("#key", str(row))  # a row by its key: its own vector becomes the query
+    page.evaluate("window.flasmaDashboard.lastResult = null")
+    page.click("#use-key")
+    page.wait_for_function("() => window.flasmaDashboard.lastResult !== null")
+    hits = page.evaluate("window.flasmaDashboard.lastResult")
+    rows, scores = reference.brute_force(matrix, matrix[row][None, :], k)
+    assert [hit[0] for hit in hits] == rows[0].tolist() and hits[0][0] == row
+    np.testing.assert_allclose([hit[1] for hit in hits], scores[0], atol=1e-5)
+
     page.fill("#vector", "[1, 2, 3]")  # a wrong dimension: told, not thrown
     page.click("#search")
     page.wait_for_selector("#console-error", state="visible")
     assert "16" in page.text_content("#console-error")
+
+
+def test_the_console_upserts_and_deletes_where_writes_are_enabled(page, tmp_path) -> None:
+    settings = Settings(dim=16, demo_size=500, port=0, data_dir=tmp_path / "collection")
+    vector = np.random.default_rng(11).standard_normal(16)
+    with BackgroundServer(settings) as writable:
+        page.goto(f"{writable.http_url}/")
+        page.wait_for_selector("#writes", state="visible")
+        page.fill("#vector", orjson.dumps(vector.tolist()).decode())
+        page.fill("#write-key", "9000")
+        page.click("#upsert")
+        page.wait_for_function(
+            "() => document.getElementById('write-result').textContent === 'upserted 1'"
+        )
+        page.fill("#vector", "")
+        page.fill("#key", "9000")
+        page.fill("#k", "3")
+        page.click("#use-key")  # the stored vector comes back and is searched
+        page.wait_for_function("() => window.flasmaDashboard.lastResult !== null")
+        hits = page.evaluate("window.flasmaDashboard.lastResult")
+        assert hits[0][0] == 9000 and hits[0][1] == pytest.approx(1.0, abs=1e-5)
+        stored = orjson.loads(page.input_value("#vector"))
+        np.testing.assert_allclose(stored, vector / np.linalg.norm(vector), atol=1e-6)
+
+        page.click("#delete")
+        page.wait_for_function(
+            "() => document.getElementById('write-result').textContent === 'deleted 1'"
+        )
+        page.click("#use-key")
+        page.wait_for_selector("#console-error", state="visible")
+        assert "9000" in page.text_content("#console-error")
 
 
 # -- the JS client in Node -----------------------------------------------------------------

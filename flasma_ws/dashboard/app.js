@@ -340,9 +340,11 @@ async function remove() {
 let consoleWired = false;
 
 function setUpConsole(info) {
-  // Keyed reads and writes exist where the server says so (/info "writable": true).
-  $("by-key").hidden = !info.writable;
+  // Every server answers "get" (keys are row numbers unless it holds a live collection);
+  // writes exist where it says so (/info "writable": true).
   $("writes").hidden = !info.writable;
+  $("result-key").textContent = info.writable ? "key" : "row";
+  $("key").placeholder = info.writable ? "key" : "row number";
   if (consoleWired) return;
   consoleWired = true;
   $("search").addEventListener("click", () => guarded(search));
