@@ -234,6 +234,17 @@ function charts() {
   }
 }
 
+// A hidden tab neither polls nor draws; when shown again, ?since= fetches the seconds missed.
+document.addEventListener("visibilitychange", () => {
+  if (dashboard.timer === null && !document.hidden && !$("main").hidden) {
+    poll();
+    dashboard.timer = setInterval(poll, POLL_MS);
+  } else if (document.hidden && dashboard.timer !== null) {
+    clearInterval(dashboard.timer);
+    dashboard.timer = null;
+  }
+});
+
 window.addEventListener("resize", () => {
   for (const [id, chart] of Object.entries(dashboard.charts)) {
     chart.setSize({ width: $(id).clientWidth, height: 150 });
