@@ -243,7 +243,7 @@ MATRIX = ("n", "dim", "dtype", "device", "gpu", "cpu", "source")
 
 def service_part(service: Any) -> dict[str, Any]:
     """What /stats says of the service itself: state, uptime, the matrix, the limits."""
-    info, settings = service.info, service.settings
+    info, settings = {**service.info, **service.live_info()}, service.settings  # live rows
     return {
         "state": service.state.value,
         "uptime_s": round(time.perf_counter() - service.started, 3),

@@ -229,6 +229,9 @@ def test_the_console_upserts_and_deletes_where_writes_are_enabled(page, tmp_path
         page.wait_for_function(
             "() => document.getElementById('write-result').textContent === 'upserted 1'"
         )
+        page.wait_for_function(  # the feed counts live rows: 500 + the new key
+            "() => document.querySelector('#matrix dd').textContent === '501'"
+        )
         page.fill("#vector", "")
         page.fill("#key", "9000")
         page.fill("#k", "3")
