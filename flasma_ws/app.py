@@ -3,24 +3,26 @@
 /ws        WebSocket, one Connection per client (docs/protocol.md)
 POST /cos  Flasma's route: {"embedding": [...]} -> {"result": [[index, score], ...]}
 GET /healthz, GET /info, GET /metrics
+GET /      the dashboard (static files from flasma_ws/dashboard/), fed by GET /stats
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qs
 
 import numpy as np
 import orjson
 
+from . import assets, auth, protocol, stats
 from . import metrics as metrics_module
-from . import protocol
 from .batcher import INTERNAL_MESSAGE, Failure
 from .errors import ProtocolError
 from .protocol import Code, Query
@@ -170,6 +172,7 @@ class App:
     def __init__(self, service: Service) -> None:
         self.service = service
         self.connections: set[Connection] = set()
+        self.stats = stats.StatsFeed(service.metrics.registry)
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         kind = scope["type"]
@@ -194,10 +197,12 @@ class App:
             if message["type"] == "lifespan.startup":
                 # Listen first and load in the background, so /healthz can say 503 meanwhile.
                 loading = asyncio.get_running_loop().create_task(self.service.load())
+                self.stats.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if loading is not None and not loading.done():
                     loading.cancel()
+                await self.stats.stop()
                 await self.service.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
@@ -213,7 +218,9 @@ class App:
         if refusal is not None:
             await _reject(send, *refusal)
             return
-        await send({"type": "websocket.accept"})
+        # The selected subprotocol is the plain name, never the one that carries the token.
+        chosen = auth.selected_subprotocol(scope.get("subprotocols") or [])
+        await send({"type": "websocket.accept", "subprotocol": chosen})
         connection = Connection(self.service, send)
         self.connections.add(connection)
         self.service.metrics.connections.inc()
@@ -241,11 +248,11 @@ class App:
         if not route.guarded:
             return None
         headers = dict(scope["headers"])
-        if settings.token is not None:
-            expected = f"Bearer {settings.token}".encode()
-            # compare_digest: the time taken does not reveal how much of the token matched.
-            if not hmac.compare_digest(headers.get(b"authorization", b""), expected):
-                return Code.UNAUTHORIZED, "Send the header 'Authorization: Bearer <token>'."
+        if settings.token is not None and not _authorized(scope, headers, settings.token):
+            return Code.UNAUTHORIZED, (
+                "Send the header 'Authorization: Bearer <token>' (browsers, on /ws: the "
+                "subprotocols 'flasma.bearer' and 'flasma.bearer.<base64url token>')."
+            )
         origin = headers.get(b"origin")
         allowed = settings.allowed_origins
         if origin is not None and allowed is not None and origin.decode("latin-1") not in allowed:
@@ -258,6 +265,8 @@ class App:
         route = ROUTE_OF.get(path)
         if method in ("GET", "HEAD") and path.startswith(VECTOR_PREFIX):
             route = VECTOR_ROUTE  # GET /vectors/{key}, any key (even "delete")
+        elif route is None and path.startswith(ASSETS_PATH):
+            route = ASSET_ROUTE  # the dashboard's files
         if route is None:
             await _error(send, Code.NOT_FOUND, f"No route {path}; see {ROUTE_LIST}.")
         elif route.method == WEBSOCKET:  # a plain HTTP request to the WebSocket route
@@ -347,6 +356,23 @@ class App:
         await _respond(send, 200, orjson.dumps(item, option=orjson.OPT_SERIALIZE_NUMPY))
         return "ok"
 
+    async def _stats(self, scope: Scope, _receive: Any, send: Any) -> None:
+        try:
+            since = _since(scope.get("query_string", b""))
+        except ProtocolError as exc:
+            await _error(send, exc.code, exc.message)
+            return
+        feed = {**self.stats.document(since), **stats.service_part(self.service)}
+        await _respond(send, 200, feed)
+
+    async def _asset(self, scope: Scope, _receive: Any, send: Any) -> None:
+        found = assets.asset(scope["path"])
+        if found is None:
+            await _error(send, Code.NOT_FOUND, f"No dashboard file {scope['path']}; open / .")
+            return
+        kind, body = found
+        await _respond(send, 200, body, [(b"content-type", kind), *assets.HEADERS])
+
     async def _cos(self, scope: Scope, receive: Any, send: Any) -> None:
         received = time.perf_counter()
         metrics = self.service.metrics
@@ -372,6 +398,31 @@ class App:
             metrics.queries.inc()
         metrics.requests.labels("cos", outcome).inc()
         metrics.latency_seconds.labels("cos").observe(time.perf_counter() - received)
+
+
+def _authorized(scope: Scope, headers: dict[bytes, bytes], token: str) -> bool:
+    """The Authorization header, or on /ws the subprotocol a browser can send instead."""
+    if auth.header_ok(headers.get(b"authorization", b""), token):
+        return True
+    return scope["type"] == "websocket" and auth.subprotocol_ok(
+        scope.get("subprotocols") or [], token
+    )
+
+
+def _since(query_string: bytes) -> float | None:
+    """/stats?since=T: only the seconds after unix time T (the last `t` a dashboard holds)."""
+    values = parse_qs(query_string.decode("latin-1")).get("since")
+    if not values:
+        return None
+    try:
+        since = float(values[-1])
+    except ValueError:
+        since = math.nan
+    if not math.isfinite(since):
+        raise ProtocolError(
+            protocol.BAD_REQUEST, "since must be a unix time in seconds (the last t you hold)."
+        )
+    return since
 
 
 Handler = Callable[[App, Scope, Any, Any], Awaitable[None]]
@@ -410,6 +461,7 @@ class Route:
 WS_PATH = "/ws"
 VECTOR_PREFIX = "/vectors/"
 VECTOR_ROUTE = Route("/vectors/{key}", "GET", guarded=True, handler=App._vector_get)
+ASSETS_PATH = f"/{assets.FOLDER}/"
 ROUTES = (
     Route("/info", "GET", guarded=True, handler=App._info),
     Route("/cos", "POST", guarded=True, handler=App._cos),
@@ -418,8 +470,13 @@ ROUTES = (
     Route(WS_PATH, WEBSOCKET, guarded=True),
     Route("/healthz", "GET", guarded=False, handler=App._healthz),
     Route("/metrics", "GET", guarded=False, handler=App._metrics),
+    Route("/stats", "GET", guarded=True, handler=App._stats),
+    # The dashboard's files are open (the page asks for the token); its feed is guarded.
+    Route("/", "GET", guarded=False, handler=App._asset),
+    Route(ASSETS_PATH, "GET", guarded=False, handler=App._asset),
 )
 ROUTE_OF = {route.path: route for route in ROUTES}
+ASSET_ROUTE = ROUTE_OF[ASSETS_PATH]  # serves every path under it
 ROUTE_LIST = ", ".join(route.path for route in (*ROUTES, VECTOR_ROUTE))
 
 

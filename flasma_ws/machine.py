@@ -73,6 +73,20 @@ def describe_cpu() -> dict[str, Any]:
     return {"model": cpu_model(), "cores": os.cpu_count(), "flags": cpu_flags()}
 
 
+def gpu_model(device: str) -> str | None:
+    """The GPU's name (e.g. "NVIDIA H200") when `device` is a GPU, else None. TensorFlow is
+    already loaded by then: the engine placed the matrix on that device."""
+    if "GPU" not in device.upper():
+        return None
+    import tensorflow as tf
+
+    index = int(device.rsplit(":", 1)[-1]) if device[-1:].isdigit() else 0
+    gpus = tf.config.list_physical_devices("GPU")
+    if index >= len(gpus):
+        return None
+    return str(tf.config.experimental.get_device_details(gpus[index]).get("device_name", "GPU"))
+
+
 def summary_line(onednn: bool) -> str:
     """One line for the bench header: CPU, flags, BLAS, oneDNN."""
     pools = ", ".join(

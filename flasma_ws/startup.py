@@ -18,7 +18,7 @@ from typing import Any
 
 from . import protocol
 from .batcher import Batcher
-from .machine import describe_cpu
+from .machine import describe_cpu, gpu_model
 from .metrics import Metrics
 from .protocol import Codec
 from .settings import Settings
@@ -146,6 +146,7 @@ def describe(settings: Settings, engine: Any, top_k: int) -> dict[str, object]:
         "dim": engine.dim,
         "dtype": s.dtype,
         "device": engine.device,
+        "gpu": gpu_model(engine.device),  # its model name; null on CPU
         "max_batch": s.max_batch,
         "top_k": top_k,
         "max_k": engine.max_k,

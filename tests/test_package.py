@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import flasma_ws
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_exported_names():
@@ -44,3 +49,34 @@ def test_importing_the_package_does_not_import_tensorflow():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_the_wheel_ships_the_dashboard(tmp_path):
+    """Built from a copy of the sources (a build leaves build/ and egg-info behind), the wheel
+    holds every file GET / serves, and the vendored chart library's licence."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(
+        ROOT / "flasma_ws", source / "flasma_ws", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    result = subprocess.run(
+        [*command, "-w", str(tmp_path / "out"), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    (wheel,) = (tmp_path / "out").glob("flasma_ws-*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    dashboard = ROOT / "flasma_ws" / "dashboard"
+    wanted = {
+        f"flasma_ws/dashboard/{path.relative_to(dashboard).as_posix()}"
+        for path in dashboard.rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    }
+    assert "flasma_ws/dashboard/index.html" in wanted
+    assert "flasma_ws/dashboard/vendor/uPlot.LICENSE" in wanted
+    assert wanted <= shipped, sorted(wanted - shipped)

@@ -5,6 +5,7 @@
 //   const client = new FlasmaClient("ws://127.0.0.1:8080/ws", { binary: true });
 //   const hits = await client.query(vector, { k: 5 });    // [[index, score], ...]
 //   const many = await client.queryMany(vectors, { k: 5 }); // one such list per vector
+//   new FlasmaClient(url, { token: "..." }); // a server started with --token (browsers too)
 //
 // Requests are pipelined on one connection: call query() from as many places as you like
 // without awaiting; answers are matched by id, in whatever order they arrive.
@@ -29,6 +30,22 @@ export class FlasmaConnectionError extends Error {
 
 const HEADER_BYTES = 16; // u64 id | u16 k | u16 count | u32 timeout_ms, little-endian
 
+/** The subprotocol the server selects; the token travels in a second one (docs/protocol.md). */
+export const BEARER_PROTOCOL = "flasma.bearer";
+
+/**
+ * The subprotocols that carry `token`: browsers cannot set an Authorization header on a
+ * WebSocket. The token goes base64url-encoded (UTF-8, no padding), which keeps any token
+ * within the characters a subprotocol name may hold; the server echoes only "flasma.bearer".
+ */
+export function tokenProtocols(token) {
+  const bytes = new TextEncoder().encode(token);
+  let binary = "";
+  for (const byte of bytes) binary += String.fromCharCode(byte);
+  const encoded = btoa(binary).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+  return [BEARER_PROTOCOL, `${BEARER_PROTOCOL}.${encoded}`];
+}
+
 export class FlasmaClient {
   /**
    * @param {string} url ws://HOST:PORT/ws (or wss://)
@@ -37,6 +54,7 @@ export class FlasmaClient {
    * @param {number} [options.connectAttempts=5] attempts per (re)connect, then an error
    * @param {number} [options.backoffMs=100] first retry delay; doubles up to backoffMaxMs
    * @param {number} [options.backoffMaxMs=2000]
+   * @param {string} [options.token] the server's --token, sent as a subprotocol
    * @param {typeof WebSocket} [options.WebSocket] an implementation, if not globalThis's
    */
   constructor(url, options = {}) {
@@ -45,6 +63,7 @@ export class FlasmaClient {
     this.connectAttempts = options.connectAttempts ?? 5;
     this.backoffMs = options.backoffMs ?? 100;
     this.backoffMaxMs = options.backoffMaxMs ?? 2000;
+    this.protocols = options.token ? tokenProtocols(options.token) : [];
     this.WebSocket = options.WebSocket ?? globalThis.WebSocket;
     if (!this.WebSocket) {
       throw new Error("No WebSocket here: use Node >= 22 (or --experimental-websocket).");
@@ -90,7 +109,7 @@ export class FlasmaClient {
 
   #open() {
     return new Promise((resolve, reject) => {
-      const socket = new this.WebSocket(this.url);
+      const socket = new this.WebSocket(this.url, this.protocols);
       socket.binaryType = "arraybuffer";
       let opened = false;
       let ended = false;
@@ -146,14 +165,44 @@ export class FlasmaClient {
     return this.#request(vectors, true, options);
   }
 
+  /**
+   * Writes and reads by key, on a server with writes enabled (`writable` in /info): each
+   * resolves with the server's answer, less its id: {upserted: n}, {deleted: n}, {items}.
+   * @param {{key: number|string, embedding: ArrayLike<number>}[]} items
+   */
+  upsert(items) {
+    const frame = items.map(({ key, embedding }) => ({ key, embedding: Array.from(embedding) }));
+    return this.#op({ op: "upsert", items: frame });
+  }
+
+  /** @param {(number|string)[]} keys */
+  delete(keys) {
+    return this.#op({ op: "delete", keys });
+  }
+
+  /** The stored (normalized) vectors of `keys`: {items: [{key, embedding} or null, ...]}. */
+  get(keys) {
+    return this.#op({ op: "get", keys });
+  }
+
+  async #op(request) {
+    if (!this.socket) await this.connect();
+    const id = this.nextId++;
+    return this.#send(id, JSON.stringify({ id, ...request }), { whole: true });
+  }
+
   async #request(vectors, multi, { k, timeoutMs } = {}) {
     if (!this.socket) await this.connect();
     const id = this.nextId++;
     const frame = this.binary
       ? encodeBinary(id, vectors, k, timeoutMs)
       : encodeJson(id, vectors, multi, k, timeoutMs);
+    return this.#send(id, frame, { multi });
+  }
+
+  #send(id, frame, { multi = false, whole = false }) {
     return new Promise((resolve, reject) => {
-      this.pending.set(id, { resolve, reject, multi });
+      this.pending.set(id, { resolve, reject, multi, whole });
       try {
         this.socket.send(frame);
       } catch (error) {
@@ -171,6 +220,9 @@ export class FlasmaClient {
       this.pending.delete(answer.id);
       if (answer.error) {
         waiter.reject(new FlasmaServerError(answer.error.code, answer.error.message, answer.id));
+      } else if (waiter.whole) {
+        delete answer.id;
+        waiter.resolve(answer);
       } else {
         waiter.resolve(answer.result ?? answer.results);
       }
