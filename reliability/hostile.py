@@ -395,12 +395,36 @@ def main() -> int:
     parser.add_argument("--slow-requests", type=int, default=5000, help="per slow connection")
     parser.add_argument("--slow-rss-mib", type=float, default=64.0, help="allowed RSS growth")
     parser.add_argument("--pin", action="store_true", help="attacker on CPU 1, the rest on 0")
+    parser.add_argument(
+        "--refusal-cost",
+        type=int,
+        metavar="N",
+        help="only measure the server's CPU per refused connection: N from one address, "
+        "3 rounds, against --max-connections-per-ip 1",
+    )
     args = parser.parse_args()
     args.good_cpus = {0} if args.pin else None
     raise_nofile(args.half_open + 1024)
     warn_if_busy()
     serve = ["--dim", str(args.dim), "--handshake-timeout-s", str(HANDSHAKE_TIMEOUT_S)]
+    if args.refusal_cost:
+        serve += ["--max-connections-per-ip", "1"]
+        return run_against_server("refusals", serve, lambda s: refusal_cost(s, args.refusal_cost))
     return run_against_server("hostile", serve, lambda server: scenario(server, args))
+
+
+async def refusal_cost(server: ServerProcess, count: int) -> bool:
+    """Server and attacker CPU per refused connection, nothing else running."""
+    for round_ in range(3):
+        cpu = CpuClock(server)
+        outcomes = await connection_flood(server.port, count)
+        theirs, mine = process_cpu_s(server) - cpu.theirs, own_cpu_s() - cpu.mine
+        print(
+            f"round {round_}: {outcomes}; server CPU {theirs:.2f} s "
+            f"({theirs / count * 1e6:.0f} us per connection), attacker {mine:.2f} s "
+            f"({mine / count * 1e6:.0f} us)"
+        )
+    return True
 
 
 if __name__ == "__main__":
