@@ -166,8 +166,7 @@ class LimitSettings:
     )
     body_timeout_s: float = setting(
         30.0,
-        "Seconds a request body (POST /cos) has to arrive once its head has; 408 and closed "
-        "after.",
+        "Seconds a request body (POST /cos) has to arrive once its head has; 408 after.",
     )
     ws_ping_interval_s: float = setting(
         20.0, "Seconds between pings to each WebSocket (0 = never ping)."
