@@ -173,6 +173,7 @@ class App:
         self.service = service
         self.connections: set[Connection] = set()
         self.stats = stats.StatsFeed(service.metrics.registry)
+        self.connection_limits: dict[str, object] = {}  # for /info; the listener sets them
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         kind = scope["type"]
@@ -292,7 +293,8 @@ class App:
 
     async def _info(self, _scope: Scope, _receive: Any, send: Any) -> None:
         live = self.service.live_info()
-        await _respond(send, 200, {**self.service.info, **live, "state": self.service.state.value})
+        info = {**self.service.info, **live, "connections": self.connection_limits}
+        await _respond(send, 200, {**info, "state": self.service.state.value})
 
     async def _metrics(self, _scope: Scope, _receive: Any, send: Any) -> None:
         content_type = [(b"content-type", metrics_module.CONTENT_TYPE.encode())]

@@ -68,13 +68,14 @@ class Metrics:
             self.tcp_connections.labels(state)  # every state shows, 0 included
         self.connections_refused = Counter(
             "flasma_connections_refused",
-            "Connections refused by reason: max_connections, max_connections_per_ip.",
+            "Connections refused by reason: max_connections, max_connections_per_ip; "
+            "max_pipelined: closed after the answers to the requests it had queued.",
             ["reason"],
             registry=r,
         )
         self.connections_timed_out = Counter(
             "flasma_connections_timed_out",
-            "Connections closed by a timeout, by stage (request_head).",
+            "Connections closed by a timeout, by stage: request_head, body, ping.",
             ["stage"],
             registry=r,
         )

@@ -57,6 +57,7 @@ class Code(str, enum.Enum):
     UNAUTHORIZED = ("unauthorized", 401, "no or a wrong 'Authorization: Bearer' token", False)
     FORBIDDEN_ORIGIN = ("forbidden_origin", 403, "a browser Origin not allowed", False)
     TOO_MANY_CONNECTIONS = ("too_many_connections", 503, "--max-connections reached", False)
+    REQUEST_TIMEOUT = ("request_timeout", 408, "a body not complete in --body-timeout-s", False)
 
     def __new__(cls, code: str, status: int, meaning: str, ws: bool = True) -> Code:
         member = str.__new__(cls, code)

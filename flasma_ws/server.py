@@ -22,6 +22,7 @@ from types import FrameType
 import uvicorn
 
 from .admission import (
+    KEEP_ALIVE_TIMEOUT_S,
     PROBE_RESERVE,
     Guard,
     Limits,
@@ -47,6 +48,9 @@ def uvicorn_config(settings: Settings, app: App, guard: Guard) -> uvicorn.Config
         ws=ws,
         ws_max_size=settings.max_frame_bytes,
         ws_per_message_deflate=settings.ws_compression,
+        ws_ping_interval=guard.limits.ws_ping_interval_s,
+        ws_ping_timeout=guard.limits.ws_ping_timeout_s,
+        timeout_keep_alive=KEEP_ALIVE_TIMEOUT_S,
         lifespan="on",
         log_config=None,
         access_log=False,
@@ -87,6 +91,7 @@ class FlasmaServer(uvicorn.Server):
         self.event_loop: asyncio.AbstractEventLoop | None = None
         self.app = App(self.service)
         self.guard = Guard(connection_limits(settings), self.service.metrics)
+        self.app.connection_limits = self.guard.limits.document()
         super().__init__(uvicorn_config(settings, self.app, self.guard))
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
@@ -98,13 +103,23 @@ class FlasmaServer(uvicorn.Server):
         if self.servers and self.servers[0].sockets:  # --port 0 picks one: log that one
             self.service.address = f"{self.settings.host}:{self.port}"
         limits = self.guard.limits
+        pings = (
+            f"pinged every {limits.ws_ping_interval_s:g} s, closed without a pong in "
+            f"{limits.ws_ping_timeout_s:g} s"
+            if limits.ws_ping_interval_s
+            else "not pinged"
+        )
         log.info(
-            "Connections: at most %d (and %d for /healthz and /metrics), %d per client "
-            "address; a request head must be complete within %g s.",
+            "Connections: at most %d (and %d for /healthz and /metrics; open-file limit %s), "
+            "%d per client address; a request head must be complete within %g s, a body "
+            "within %g s after; WebSockets %s.",
             limits.max_connections,
             PROBE_RESERVE,
+            limits.open_file_limit,
             limits.max_connections_per_ip,
             limits.handshake_timeout_s,
+            limits.body_timeout_s,
+            pings,
         )
 
     @property
@@ -152,8 +167,15 @@ def connection_limits(settings: Settings) -> Limits:
     """The connection limits in force; raises the soft open-file limit to the hard one first,
     since the default --max-connections is a share of it."""
     open_files = raise_open_file_limit()
-    limit = settings.max_connections or default_max_connections(open_files)
-    return Limits(limit, settings.max_connections_per_ip, settings.handshake_timeout_s)
+    return Limits(
+        max_connections=settings.max_connections or default_max_connections(open_files),
+        max_connections_per_ip=settings.max_connections_per_ip,
+        handshake_timeout_s=settings.handshake_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
+        ws_ping_interval_s=settings.ws_ping_interval_s or None,  # 0: never ping
+        ws_ping_timeout_s=settings.ws_ping_timeout_s,
+        open_file_limit=open_files,
+    )
 
 
 def serve(settings: Settings, started: float | None = None) -> None:

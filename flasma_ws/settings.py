@@ -164,6 +164,16 @@ class LimitSettings:
         "Seconds a connection has to send a complete HTTP request head (for /ws: the "
         "WebSocket handshake request); closed after.",
     )
+    body_timeout_s: float = setting(
+        30.0,
+        "Seconds a request body (POST /cos) has to arrive once its head has; 408 after.",
+    )
+    ws_ping_interval_s: float = setting(
+        20.0, "Seconds between pings to each WebSocket (0 = never ping)."
+    )
+    ws_ping_timeout_s: float = setting(
+        20.0, "Seconds a WebSocket has to answer a ping; closed (1011) after."
+    )
 
 
 @dataclass(frozen=True)
@@ -282,9 +292,17 @@ class Settings:
         ):
             if seconds < 0:
                 raise ConfigError(f"{flag} must not be negative, got {seconds:g}.")
-        if not self.handshake_timeout_s > 0:
+        for flag, seconds in (
+            ("--handshake-timeout-s", self.handshake_timeout_s),
+            ("--body-timeout-s", self.body_timeout_s),
+            ("--ws-ping-timeout-s", self.ws_ping_timeout_s),
+        ):
+            if not seconds > 0:
+                raise ConfigError(f"{flag} must be more than 0, got {seconds:g}.")
+        if not self.ws_ping_interval_s >= 0:
             raise ConfigError(
-                f"--handshake-timeout-s must be more than 0, got {self.handshake_timeout_s:g}."
+                f"--ws-ping-interval-s must not be negative (0 = never ping), "
+                f"got {self.ws_ping_interval_s:g}."
             )
         if not 0 <= self.port <= MAX_PORT:
             raise ConfigError(

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import resource
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 import httpx
 import orjson
@@ -29,6 +31,7 @@ from flasma_ws.errors import ConfigError
 from flasma_ws.metrics import Metrics, read_samples
 from flasma_ws.server import BackgroundServer
 from flasma_ws.settings import Settings
+from flasma_ws.testing import SERVE, ServerProcess, free_port, wait_ready
 
 DIM = 8
 HALF_OPEN = b"GET /ws HTTP/1.1\r\nHost: x\r\n"  # the head never ends
@@ -196,6 +199,41 @@ def test_an_unraisable_open_file_limit_stays_as_it_is(monkeypatch: pytest.Monkey
     assert raise_open_file_limit() == 1024
 
 
+def soft_open_file_limit(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise KeyError("Max open files")
+
+
+def test_serve_raises_a_low_soft_open_file_limit_to_the_hard_one(tmp_path: Path):
+    """A real `flasma-ws serve` started with a soft limit of 256: /info, /proc and the log
+    show the hard limit in force, and the default --max-connections follows it."""
+    low, hard = 256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard <= low:
+        pytest.skip(f"the hard open-file limit is {hard}: nothing to raise")
+    raised = low if hard == resource.RLIM_INFINITY else hard  # infinity cannot be set
+
+    def lower_soft_limit() -> None:  # in the child, before it runs Python
+        resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+
+    port, log = free_port(), tmp_path / "server.log"
+    command = [*SERVE, "--port", str(port), "--dim", str(DIM), "--demo-size", "100"]
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, preexec_fn=lower_soft_limit
+        )
+    server = wait_ready(ServerProcess(process, port, log, time.perf_counter()), 180)
+    try:
+        limits = httpx.get(server.http_url + "/info").json()["connections"]
+        assert soft_open_file_limit(process.pid) == limits["open_file_limit"] == raised
+        assert limits["max_connections"] == default_max_connections(raised)
+    finally:
+        code, _ = server.stop()
+    assert code == 0
+    assert f"open-file limit {raised})" in log.read_text()
+
+
 def test_defaults_and_validation():
     assert default_max_connections(4096) == int(4096 * 0.8) - PROBE_RESERVE
     assert default_max_connections(1) == 1
@@ -203,3 +241,9 @@ def test_defaults_and_validation():
         base(handshake_timeout_s=0)
     with pytest.raises(ConfigError, match="--max-connections-per-ip"):
         base(max_connections_per_ip=0)
+    for flag in ("body_timeout_s", "ws_ping_timeout_s"):
+        with pytest.raises(ConfigError, match="--" + flag.replace("_", "-")):
+            base(**{flag: 0})
+    with pytest.raises(ConfigError, match="--ws-ping-interval-s"):
+        base(ws_ping_interval_s=-1)
+    assert base(ws_ping_interval_s=0).ws_ping_interval_s == 0  # never ping

@@ -44,7 +44,7 @@ def test_the_protocol_hooks_that_admission_overrides_exist():
     it counts a connection in connection_made, gives the slot back in connection_lost (the
     WebSocket protocol's, once handle_websocket_upgrade has moved the transport to it), and
     times the request head from on_message_begin to on_headers_complete."""
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
     hooks = {
@@ -67,6 +67,19 @@ def test_the_protocol_hooks_that_admission_overrides_exist():
         assert attribute in inspect.getsource(HttpToolsProtocol.__init__)
     assert "self.transport" in inspect.getsource(WebSocketsSansIOProtocol.connection_made)
     assert "def connection_lost" in inspect.getsource(WebSocketsSansIOProtocol)
+    # The deadlines and the bounded pipeline (admission.GuardedHttpProtocol, PipelineFlow).
+    init = inspect.getsource(HttpToolsProtocol.__init__)
+    assert "self.pipeline" in init and "self.cycle" in init
+    assert "self.flow = FlowControl(" in inspect.getsource(HttpToolsProtocol.connection_made)
+    assert "self.flow.resume_reading()" in inspect.getsource(HttpToolsProtocol.on_response_complete)
+    cycle = inspect.getsource(RequestResponseCycle.__init__)
+    for attribute in ("disconnected", "keep_alive", "response_started", "message_event"):
+        assert f"self.{attribute} =" in cycle
+    assert "self.flow.resume_reading()" in inspect.getsource(RequestResponseCycle.receive)
+    # The pings: uvicorn's keepalive closes through keepalive_timeout (counted by stage).
+    ws_init = inspect.getsource(WebSocketsSansIOProtocol.__init__)
+    assert "self.ping_timeout = config.ws_ping_timeout" in ws_init
+    assert "self.keepalive_timeout" in inspect.getsource(WebSocketsSansIOProtocol)
 
 
 def test_config_takes_protocol_classes_for_http_and_ws():
