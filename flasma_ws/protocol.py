@@ -530,11 +530,17 @@ def _decode_json_answer(answer: dict) -> Answer:
 
 
 def _pairs_arrays(rows: list) -> tuple[np.ndarray, np.ndarray]:
-    """[[[index, score], ...], ...] into (count, k) int64 ids and float32 scores."""
-    array = np.array(rows, dtype=np.float64)  # float32 scores survive the round trip
-    if array.size == 0:
+    """[[[key, score], ...], ...] into (count, k) ids and float32 scores. Keys are read as
+    they came (never through float64, which rounds integers beyond 2^53): int64 for integer
+    keys, object for string keys."""
+    widths = {len(row) for row in rows}
+    if not rows or widths == {0}:
         empty = (len(rows), 0)
         return np.empty(empty, np.int64), np.empty(empty, np.float32)
-    if array.ndim != 3 or array.shape[2] != 2:
-        raise ValueError(f"results of shape {array.shape}, expected (count, k, 2)")
-    return array[..., 0].astype(np.int64), array[..., 1].astype(np.float32)
+    if len(widths) != 1 or any(len(pair) != 2 for row in rows for pair in row):
+        raise ValueError("results are not lists of [key, score] pairs of one length")
+    keys = [[pair[0] for pair in row] for row in rows]
+    numeric = all(type(key) is int for row in keys for key in row)
+    ids = np.array(keys, dtype=np.int64 if numeric else object)
+    scores = np.array([[pair[1] for pair in row] for row in rows], dtype=np.float64)
+    return ids, scores.astype(np.float32)  # float32 scores survive the float64 round trip

@@ -152,7 +152,7 @@ def describe(settings: Settings, engine: Any, top_k: int) -> dict[str, object]:
         "max_k": engine.max_k,
         "source": _source(s),
         "demo": None
-        if s.npy is not None
+        if s.npy is not None or s.data_dir is not None  # a collection's rows are its own
         else {"size": s.demo_size, "seed": s.demo_seed, "dim": s.dim},
         "drop_zero": s.drop_zero,
         "zero_rows_dropped": getattr(engine.targets, "zero_rows", 0),
