@@ -191,9 +191,9 @@ class Engine:
         self.masked = masked
         self._bias: list[Any] = []  # per slab, then the tail: host arrays or variables
         self._bias_tensors: list[Any] = []
-        # Certified narrow scoring selects a top K' = candidate_cap(k), not a top k.
+        # Certified narrow scoring selects a top K' (about first_width(k)), not a top k.
         self.certify = config.dtype in certification.NARROW and not config.approximate
-        selected = certification.candidate_cap(config.top_k) if self.certify else config.top_k
+        selected = certification.first_width(config.top_k) if self.certify else config.top_k
         self.block = config.block_size or choose_block_size(self.n, selected)
         self.n_blocks = self.n // self.block
         self.n_main = self.n_blocks * self.block

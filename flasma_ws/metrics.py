@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401  (re-exported)
 from prometheus_client import (
     CollectorRegistry,
@@ -11,6 +14,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
 
 disable_created_metrics()  # the *_created series only add noise to every scrape
 
@@ -114,8 +118,33 @@ class Metrics:
         for name, (text, read) in gauges.items():
             Gauge(name, text, registry=r).set_function(read)  # type: ignore[arg-type]
 
+    def track_certified(self, stats: Any) -> None:
+        """Export a certified engine's counts (flasma_ws.certified.Stats), read at scrape."""
+        self.registry.register(_CertifiedCollector(stats))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _CertifiedCollector:
+    """Certified narrow search: fallback fraction = fallbacks / queries; mean candidates =
+    candidates / (queries - fallbacks)."""
+
+    HELP = {
+        "queries": "Queries answered by certified narrow search.",
+        "fallbacks": "Queries recomputed in float32 in full (more candidates than the cap).",
+        "candidates": "Certified candidates rescored in float32, over the other queries.",
+        "widened": "Queries rerun with the narrow top K' at the cap.",
+    }
+
+    def __init__(self, stats: Any) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for name, help_text in self.HELP.items():
+            yield CounterMetricFamily(
+                f"flasma_certified_{name}", help_text, value=getattr(self.stats, name)
+            )
 
 
 def read_samples(text: str) -> dict[str, float]:

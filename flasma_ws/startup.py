@@ -67,6 +67,8 @@ def assemble(settings: Settings, loaded: Loaded, metrics: Metrics) -> Parts:
     info["key_type"] = engine.key_type
     if writable:
         info.update(collection.describe())
+    if getattr(engine, "certified", None) is not None:
+        metrics.track_certified(engine.certified.stats)
     return Parts(engine, codec, batcher, info, collection)
 
 
@@ -159,7 +161,7 @@ def describe(settings: Settings, engine: Any, top_k: int) -> dict[str, object]:
         "binary_header_bytes": protocol.BINARY_HEADER.size,
         # Which kernels answer: figures differ 3x between CPUs and kernel choices.
         "cpu": describe_cpu(),
-        **{key: kernels[key] for key in ("onednn", "tf32", "blas_max_batch")},
+        **{key: kernels[key] for key in ("onednn", "tf32", "blas_max_batch", "precision")},
     }
 
 
