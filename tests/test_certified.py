@@ -3,6 +3,8 @@ exact, checked against the float64 oracle on adversarial data (real TensorFlow, 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -341,3 +343,23 @@ def test_gpu_certified_is_exact(dtype: str) -> None:
     queries = np.concatenate([[q], rng.standard_normal((31, 128))])
     rows, scores = engine.search(queries.astype(np.float32), 10)
     assert_exact(matrix, queries, rows, scores, 10)
+
+
+def test_bench_reports_fallbacks_candidates_and_float32(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from flasma_ws.cli import app
+
+    out = tmp_path / "bench.json"
+    args = ["bench", "--n", "2000", "--dims", "16", "--batches", "2,8", "--dtype", "bfloat16"]
+    args += ["--compare", "--recall", "--data", "clustered", "--seconds", "0.05"]
+    result = CliRunner().invoke(app, [*args, "--json-out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "candidates rescored" in result.output and "float32 engine" in result.output
+    cells = json.loads(out.read_text())["results"]
+    for cell in cells:
+        assert cell["recall"] == 1.0 and cell["max_score_error"] <= 1e-5
+        assert 0 <= cell["fallback_fraction"] <= 1 and cell["mean_candidates"] >= 10
+        assert cell["float32_qps"] > 0 and cell["engine_over_float32"] > 0
