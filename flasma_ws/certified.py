@@ -62,13 +62,14 @@ float32 and subtracts 2^-19, more than the few roundings of that arithmetic on |
 can move it, so it keeps a superset. tau <= L (hi(L) >= L >= lo(L)), so the k best are
 always kept.
 
-(3) Collection: the graph takes the exact narrow top K' (K' = min(cap, N), the engine's
-two-stage top-k, proven exact in its docstring), in descending order, so the kept rows are a
-prefix of that list. If its last entry is still >= tau (and K' < N), rows beyond the list
-may be kept rows: the query *overflows* and is recomputed in full float32 (exact as the
-float32 engine is). Otherwise all kept rows are in the list. The kept columns are sorted
-ascending before the rescore, so `top_k`'s lower-position-first rule is the lower-row-first
-rule.
+(3) Collection: the graph takes the exact narrow top K' (the engine's two-stage top-k,
+proven exact in its docstring), in descending order, so the kept rows are a prefix of that
+list. If its last entry is still >= tau (and K' < N), rows beyond the list may be kept rows:
+the query *overflows*. K' is first the width the last batch needed (1.5x its largest count;
+2k + 16 for a new k), then an overflowing query is rerun at K' = min(cap, N), cap = 8k + 64,
+and one that overflows that is recomputed in full float32 (exact as the float32 engine is).
+Otherwise all kept rows are in the list. The kept columns are sorted ascending before the
+rescore, so `top_k`'s lower-position-first rule is the lower-row-first rule.
 
 (4) With a deletion mask: set masked rows' s^ to -inf before the top K' and their rescored
 s' to -inf too; every statement above then ranges over live rows (a masked row is never
