@@ -3,7 +3,8 @@
 The matrix lives on one device, stored transposed as (dim, N) variables. Each batch is one
 matmul followed by an exact two-stage top-k, which is about twice as fast on CPU as
 `tf.math.top_k` over all N columns; on CPU the whole search costs 0-14 % more than the bare
-matmul (docs/benchmarks.md).
+matmul (docs/benchmarks.md). With --dtype bfloat16 or float16 this graph selects a narrow top
+K' and `flasma_ws/certified.py` turns it into the exact answer (its docstring has the proof).
 
 Two-stage top-k, and why it is exact (ties included)
 ----------------------------------------------------
