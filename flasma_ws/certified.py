@@ -94,7 +94,7 @@ import numpy as np
 
 from .blas_search import BlasSearch
 from .errors import ConfigError
-from .vectors import Targets, chunk_rows_for
+from .vectors import ColumnSource, chunk_rows_for
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +258,7 @@ class CertifiedSearch:
     top_k: Any
     device: str
     block: int
+    biases: list[Any] = field(default_factory=list)  # a masked engine's, per piece: (4)
     stats: Stats = field(default_factory=Stats)
     widths: dict[int, int] = field(default_factory=dict)  # k -> the K' to try first
 
@@ -268,10 +269,7 @@ class CertifiedSearch:
         self.n, self.dim = self.rows32.shape
         # A view of the host array through DLPack: the float32 copy exists once.
         self.rows_tensor = tf.experimental.dlpack.from_dlpack(self.rows32.__dlpack__())
-        n_main = self.n // self.block * self.block
-        self._fallback = BlasSearch(
-            [(0, self.rows32.T)], self.n, self.block, n_main, max_rows=FALLBACK_ROWS
-        )
+        self._fallback = self._full_float32()
         self._trace = tf.function(self._graph, jit_compile=False, autograph=False)
         self._fn: Any = None
 
@@ -289,6 +287,9 @@ class CertifiedSearch:
         with tf.device("/device:CPU:0"):  # the float32 copy lives in host memory
             rows = tf.gather(self.rows_tensor, tf.minimum(kept, self.n - 1))  # (B, m, d)
             scores = tf.linalg.matmul(q32[:, None, :], rows, transpose_b=True)[:, 0, :]
+            if self.biases:  # (4): masked rows score -inf in float32 too
+                bias = tf.concat([tf.convert_to_tensor(b) for b in self.biases], axis=0)
+                scores += tf.gather(bias, tf.minimum(kept, self.n - 1))
             scores = tf.where(kept < self.n, scores, float("-inf"))
             best, positions = tf.math.top_k(scores, k)
             return tf.gather(kept, positions, batch_dims=1), best, overflow, count
@@ -356,11 +357,22 @@ class CertifiedSearch:
     def full_float32(self, q32: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The exact float32 answer over every row (numpy BLAS, the engine's two-stage top-k
         and tie rule: blas_search's proof), FALLBACK_ROWS queries at a time."""
+        fallback = self._full_float32() if self.biases else self._fallback  # today's mask
         pieces = [
-            self._fallback.search(q32[i : i + FALLBACK_ROWS], k)
+            fallback.search(q32[i : i + FALLBACK_ROWS], k)
             for i in range(0, len(q32), FALLBACK_ROWS)
         ]
         return np.concatenate([p[0] for p in pieces]), np.concatenate([p[1] for p in pieces])
+
+    def _full_float32(self) -> BlasSearch:
+        biases = None
+        if self.biases:
+            wide = [b if isinstance(b, np.ndarray) else b.numpy() for b in self.biases]
+            biases = [np.concatenate(wide).astype(np.float32)]
+        n_main = self.n // self.block * self.block
+        return BlasSearch(
+            [(0, self.rows32.T)], self.n, self.block, n_main, FALLBACK_ROWS, biases=biases
+        )
 
     def describe(self) -> dict[str, object]:
         return {
@@ -396,12 +408,13 @@ def probe_accumulator(tf: Any, dtype: Any, device: str, dim: int) -> None:
 
 
 def build(
-    targets: Targets,
+    targets: ColumnSource,
     columns: list[tuple[int, Any]],
     dtype: str,
     device: str,
     block: int,
     top_k: Any,
+    biases: list[Any] | None = None,
 ) -> CertifiedSearch:
     """The float32 copy of the rows and the measured row bound, for the engine's narrow
     matrix given as (first column, (dim, width) tensor) pieces."""
@@ -428,7 +441,7 @@ def build(
         worst_slack(narrow, bound, targets.dim),
         2 * narrow.u,
     )
-    return CertifiedSearch(narrow, bound, rows32, top_k, device, block)
+    return CertifiedSearch(narrow, bound, rows32, top_k, device, block, biases or [])
 
 
 def _aligned(shape: tuple[int, int]) -> np.ndarray:

@@ -214,6 +214,7 @@ class Engine:
                 self.device,
                 self.block,
                 self._search_graph,
+                self._bias_tensors,
             )
         self._reserve_working_memory()
         self._functions: dict[int, Callable[..., Any]] = {}  # id(trace) -> concrete function

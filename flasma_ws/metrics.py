@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401  (re-exported)
@@ -118,9 +118,10 @@ class Metrics:
         for name, (text, read) in gauges.items():
             Gauge(name, text, registry=r).set_function(read)  # type: ignore[arg-type]
 
-    def track_certified(self, stats: Any) -> None:
-        """Export a certified engine's counts (flasma_ws.certified.Stats), read at scrape."""
-        self.registry.register(_CertifiedCollector(stats))
+    def track_certified(self, read: Callable[[], Any]) -> None:
+        """Export certified search's counts (`read()`: a flasma_ws.certified.Stats, or None
+        where the engine serving now is not certified), read at scrape."""
+        self.registry.register(_CertifiedCollector(read))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -137,13 +138,16 @@ class _CertifiedCollector:
         "widened": "Queries rerun with the narrow top K' at the cap.",
     }
 
-    def __init__(self, stats: Any) -> None:
-        self.stats = stats
+    def __init__(self, read: Callable[[], Any]) -> None:
+        self.read = read
 
     def collect(self) -> Iterator[CounterMetricFamily]:
+        stats = self.read()
+        if stats is None:
+            return
         for name, help_text in self.HELP.items():
             yield CounterMetricFamily(
-                f"flasma_certified_{name}", help_text, value=getattr(self.stats, name)
+                f"flasma_certified_{name}", help_text, value=getattr(stats, name)
             )
 
 

@@ -67,9 +67,15 @@ def assemble(settings: Settings, loaded: Loaded, metrics: Metrics) -> Parts:
     info["key_type"] = engine.key_type
     if writable:
         info.update(collection.describe())
-    if getattr(engine, "certified", None) is not None:
-        metrics.track_certified(engine.certified.stats)
+    metrics.track_certified(lambda: certified_stats(engine))
     return Parts(engine, codec, batcher, info, collection)
+
+
+def certified_stats(engine: Any) -> Any:
+    """The serving engine's certified-search counts, or None (a live engine's base is
+    replaced at each compaction, so this is looked up at every scrape)."""
+    certified = getattr(getattr(engine, "base", engine), "certified", None)
+    return certified.stats if certified is not None else None
 
 
 def default_k(settings: Settings, n: int) -> int:

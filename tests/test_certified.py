@@ -291,7 +291,7 @@ def load_unit(settings: Settings) -> np.ndarray:
 
 def test_metrics_collector_reads_live_counts() -> None:
     metrics, stats = Metrics(), certified.Stats()
-    metrics.track_certified(stats)
+    metrics.track_certified(lambda: stats)
     stats.queries, stats.fallbacks, stats.candidates = 10, 1, 200
     samples = read_samples(metrics.render().decode())
     assert samples["flasma_certified_queries_total"] == 10
@@ -363,3 +363,26 @@ def test_bench_reports_fallbacks_candidates_and_float32(tmp_path: Path) -> None:
         assert cell["recall"] == 1.0 and cell["max_score_error"] <= 1e-5
         assert 0 <= cell["fallback_fraction"] <= 1 and cell["mean_candidates"] >= 10
         assert cell["float32_qps"] > 0 and cell["engine_over_float32"] > 0
+
+
+@pytest.mark.parametrize("dtype", NARROW)
+def test_deletion_mask_composes(dtype: str) -> None:
+    """(4) of the proof: masked rows are -inf before the narrow top K' and after the float32
+    rescore; the answer is exact over the live rows, even in the fallback."""
+    rng = np.random.default_rng(14)
+    q = unit(rng, 1, 24)[0]
+    matrix = np.concatenate([unit(rng, 1500, 24), around(q, 0.8 + 1e-3 * rng.random(400), rng)])
+    targets = prepare(source_from_array(matrix.astype(np.float32), "masked"), False)
+    engine = Engine(targets, EngineConfig(device="cpu", dtype=dtype, max_batch=8), masked=True)
+    dead = np.concatenate([np.arange(1500, 1700), rng.choice(1500, 100, replace=False)])
+    engine.mask_columns(dead)
+    queries = np.stack([q, *rng.standard_normal((3, 24))])
+    rows, scores = engine.search(queries.astype(np.float32), 10)
+    ref = reference_scores(unit_rows(matrix), queries)
+    ref[:, dead] = -np.inf
+    assert_exact_scores(ref, rows, scores, 10)
+    assert engine.certified.stats.fallbacks >= 1  # type: ignore[union-attr]
+    live = np.setdiff1d(np.arange(len(matrix)), np.arange(5, len(matrix)))  # rows 0-4 live
+    engine.mask_columns(np.arange(5, len(matrix)))
+    rows, scores = engine.search(queries.astype(np.float32), 10)
+    assert (np.sort(rows[:, :5], axis=1) == live).all() and np.isneginf(scores[:, 5:]).all()
