@@ -18,6 +18,9 @@ N = 100k, k = 10, d = 100 and 768.
   P5  serve a 1,000,000 x 100 legacy file: process start to first answer <= the bare
       `python -c "import tensorflow"` time + 1.5 s
   P6  server RSS <= 1.3 x matrix bytes + the TensorFlow baseline, 1,000,000 x 768 float32
+  P7  certified bfloat16 (exact) / float32 engine q/s >= 1.3 at batch 128, d = 768 (on a CPU
+      with AVX512_BF16; `bench --dtype bfloat16 --compare` times both in one run), with
+      recall 1.0 and max score error <= 1e-5 against float64
 """
 
 from __future__ import annotations
@@ -269,7 +272,26 @@ def p6(sizes: Sizes, workdir: Path, _cells: object = None) -> list[Check]:
     return checks
 
 
-STEPS = {"p1": p1_p2, "p3": p3_p4, "p5": p5, "p6": p6}
+def p7(sizes: Sizes, workdir: Path, _cells: object = None) -> list[Check]:
+    args = ["bench", "--dtype", "bfloat16", "--dims", "768", "--batches", "128", "--compare"]
+    args += ["--recall", "--n", str(sizes.n), "--seconds", str(sizes.seconds)]
+    cell = run_json(args, workdir / "bench-bf16.json")["results"][0]
+    detail = {key: cell.get(key) for key in ("qps", "float32_qps", "fallback_fraction")}
+    detail["mean_candidates"] = cell.get("mean_candidates")
+    return [
+        Check(
+            "P7 bfloat16 exact / float32 q/s (d=768, b=128)",
+            cell["engine_over_float32"],
+            1.3,
+            True,
+            detail,
+        ),
+        Check("P7 bfloat16 exact recall@10", cell["recall"], 1.0, True, detail),
+        Check("P7 bfloat16 exact max score error", cell["max_score_error"], 1e-5, False, detail),
+    ]
+
+
+STEPS = {"p1": p1_p2, "p3": p3_p4, "p5": p5, "p6": p6, "p7": p7}
 NEEDS_BENCH = {"p1", "p3"}
 
 
@@ -285,7 +307,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that it works")
     parser.add_argument(
-        "--only", default="p1,p3,p5,p6", help="steps: p1 (P1+P2), p3 (P3+P4), p5, p6"
+        "--only", default="p1,p3,p5,p6,p7", help="steps: p1 (P1+P2), p3 (P3+P4), p5, p6, p7"
     )
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--workdir", type=Path, help="for temporary files (default: a temp dir)")

@@ -12,13 +12,20 @@ For each dimension one demo matrix is built once; for each batch size the same q
   - FAISS `IndexFlatIP` (exact, float32, CPU, its default OpenMP threads) over the same
     normalized rows with the same normalized queries, and
   - ScaNN's brute force (exact, float32, dot product), in a subprocess (`bench_scann`), its
-    fastest call per batch size (single, batched or batched-parallel).
+    fastest call per batch size (single, batched or batched-parallel),
+  - with a narrow --dtype, the float32 engine over the same rows (exact float32), so that
+    the narrow engine's speed-up is a ratio measured in the same run.
+With a certified narrow dtype (the default for bfloat16/float16), each cell also reports the
+fraction of queries that fell back to float32 and the mean certified candidates per query.
+`--data clustered` replaces the Gaussian rows with tight clusters and near-duplicates, and
+the queries with perturbed rows: many rows tie within the narrow error there.
 Each is called once untimed first, then timed for `seconds` in turns taken in rotation with the
 others (ScaNN alone in its process, while this one waits); q/s = batch / median seconds per call.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -39,10 +46,11 @@ from .errors import ConfigError
 from .reference import chunked_top_k
 from .settings import DTYPES
 from .timing import ROUNDS, time_calls
-from .vectors import Targets, load_matrix, open_targets
+from .vectors import load_matrix, open_targets, prepare, source_from_array
 
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
 DEFAULT_DIMS = (100, 300, 512, 768, 1024, 2048)
+DATA = ("gaussian", "clustered")
 
 # Flasma's published q/s on an RTX 3090 with 100k targets, keyed by (batch, dim): shown beside
 # ours when --n is 100000 too.
@@ -71,6 +79,8 @@ class BenchConfig:
     compare: bool = False
     recall: bool = False
     seed: int = 0
+    approximate: bool = False
+    data: str = "gaussian"
 
     def __post_init__(self) -> None:
         if not self.batches or min(self.batches) < 1:
@@ -85,6 +95,8 @@ class BenchConfig:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
         if not self.seconds > 0:
             raise ConfigError(f"--seconds must be positive, got {self.seconds}.")
+        if self.data not in DATA:
+            raise ConfigError(f"--data must be one of {', '.join(DATA)}, got {self.data!r}.")
 
     @property
     def cells(self) -> int:
@@ -107,6 +119,13 @@ class Result:
     flasma_rtx3090_qps: float | None = None
     recall: float | None = None  # with --recall: recall@k of this dim's queries vs float64
     max_score_error: float | None = None
+    float32_qps: float | None = None  # narrow dtype with --compare: the float32 engine
+    fallback_fraction: float | None = None  # certified: queries recomputed in float32
+    mean_candidates: float | None = None  # certified: candidates rescored per query
+
+    @property
+    def over_float32(self) -> float | None:
+        return self.qps / self.float32_qps if self.float32_qps else None
 
     @property
     def over_matmul(self) -> float | None:
@@ -131,6 +150,7 @@ class Result:
             "engine_over_blas": self.over_blas,
             "engine_over_faiss": self.over_faiss,
             "engine_over_scann": self.over_scann,
+            "engine_over_float32": self.over_float32,
         }
         out.update({name: value for name, value in ratios.items() if value is not None})
         return out
@@ -192,24 +212,34 @@ class _Subject:
 
     def __init__(self, config: BenchConfig, dim: int, faiss: Any | None) -> None:
         self.config = config
-        self.targets: Targets = open_targets(None, dim, demo_size=config.n, demo_seed=config.seed)
+        rng = np.random.default_rng([config.seed, dim])
+        if config.data == "clustered":
+            rows = clustered_rows(config.n, dim, rng)
+            self.targets = prepare(source_from_array(rows, "clustered rows"), False)
+            self.queries = perturbed(rows, max(config.batches), rng)
+        else:
+            self.targets = open_targets(None, dim, demo_size=config.n, demo_seed=config.seed)
+            self.queries = rng.standard_normal((max(config.batches), dim), dtype=np.float32)
         engine_config = EngineConfig(
             max_batch=max(config.batches),
             max_k=config.k,
             top_k=config.k,
             device=config.device,
             dtype=config.dtype,
+            approximate=config.approximate,
         )
         self.engine = Engine(self.targets, engine_config)
         self.engine.warmup()
-        rng = np.random.default_rng([config.seed, dim])
-        self.queries = rng.standard_normal((max(config.batches), dim), dtype=np.float32)
         self.unit_queries = unit_queries(self.queries)
         self.index = None
         self.blas: BlasSearch | None = None
         self.scann: dict[int, float] = {}
+        self.float32: Engine | None = None
+        if config.compare and config.dtype != "float32":
+            self.float32 = Engine(self.targets, dataclasses.replace(engine_config, dtype="float32"))
+            self.float32.warmup()
         if config.compare:
-            self.blas = blas_ceiling(self.engine, max(config.batches))
+            self.blas = blas_ceiling(self.float32 or self.engine, max(config.batches))
             self.scann = scann_qps(config, dim, self.unit_queries)
         if config.compare and faiss is not None:
             self.index = faiss.IndexFlatIP(dim)
@@ -224,11 +254,15 @@ class _Subject:
         unit = self.unit_queries[:batch]
         if config.compare:
             calls["matmul"] = lambda: self.engine.matmul_only(queries)
-        blas, index = self.blas, self.index
+        blas, index, float32 = self.blas, self.index, self.float32
+        if float32 is not None:
+            calls["float32"] = lambda: float32.search(queries, config.k)
         if blas is not None:
             calls["blas"] = lambda: blas.scores(unit)
         if index is not None:
             calls["faiss"] = lambda: index.search(unit, config.k)
+        certified = self.engine.certified
+        before = certified.stats.snapshot() if certified is not None else None
         qps = {
             name: batch / per_call for name, per_call in time_calls(calls, config.seconds).items()
         }
@@ -244,6 +278,7 @@ class _Subject:
             blas_qps=qps.get("blas"),
             faiss_qps=qps.get("faiss"),
             scann_qps=self.scann.get(batch),
+            float32_qps=qps.get("float32"),
             flasma_rtx3090_qps=(
                 FLASMA_RTX3090.get((batch, self.targets.dim)) if config.n == FLASMA_N else None
             ),
@@ -251,7 +286,35 @@ class _Subject:
         if self.accuracy is not None:
             result.recall = self.accuracy.recall
             result.max_score_error = self.accuracy.max_score_error
+        if certified is not None and before is not None:
+            now = certified.stats
+            asked = now.queries - before.queries
+            fallbacks = now.fallbacks - before.fallbacks
+            result.fallback_fraction = fallbacks / asked
+            rescored = max(asked - fallbacks, 1)
+            result.mean_candidates = (now.candidates - before.candidates) / rescored
         return result
+
+
+def clustered_rows(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
+    """Clusters of ~100 rows at cosine ~0.98 to their centre, a tenth of them near-duplicates
+    (another row plus noise of 1e-4 per unit length): the narrow type ties many rows here."""
+    centres = rng.standard_normal((max(n // 100, 1), dim), dtype=np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    rows = centres[rng.integers(0, len(centres), n)]
+    rows += rng.standard_normal((n, dim), dtype=np.float32) * np.float32(0.2 / np.sqrt(dim))
+    twins = rng.choice(n, n // 10, replace=False)
+    rows[twins] = rows[rng.integers(0, n, len(twins))] + rng.standard_normal(
+        (len(twins), dim), dtype=np.float32
+    ) * np.float32(1e-4 / np.sqrt(dim))
+    return rows
+
+
+def perturbed(rows: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Queries near random rows (noise half the clusters' spread)."""
+    picked = rows[rng.integers(0, len(rows), count)]
+    noise = rng.standard_normal(picked.shape, dtype=np.float32) * np.float32(0.1)
+    return picked + noise / np.float32(np.sqrt(rows.shape[1]))
 
 
 def run_bench(
@@ -343,6 +406,8 @@ def report(config: BenchConfig, results: list[Result]) -> dict[str, Any]:
     return {
         "device": first.device if first else config.device,
         "dtype": config.dtype,
+        "approximate": config.approximate,
+        "data": config.data,
         "n": config.n,
         "k": config.k,
         "seconds_per_cell": config.seconds,

@@ -3,7 +3,8 @@
 The matrix lives on one device, stored transposed as (dim, N) variables. Each batch is one
 matmul followed by an exact two-stage top-k, which is about twice as fast on CPU as
 `tf.math.top_k` over all N columns; on CPU the whole search costs 0-14 % more than the bare
-matmul (docs/benchmarks.md).
+matmul (docs/benchmarks.md). With --dtype bfloat16 or float16 this graph selects a narrow top
+K' and `flasma_ws/certified.py` turns it into the exact answer (its docstring has the proof).
 
 Two-stage top-k, and why it is exact (ties included)
 ----------------------------------------------------
@@ -42,9 +43,11 @@ from . import tf_runtime  # first: it sets oneDNN and the log level before Tenso
 with tf_runtime.quiet_import():
     import tensorflow as tf
 
+from . import certified as certification
 from .blas_search import MAX_ROWS as BLAS_MAX_ROWS
 from .blas_search import BlasSearch
 from .errors import ConfigError, EngineError, EngineOutOfMemory
+from .machine import cpu_flags
 from .settings import EngineSettings
 from .vectors import ColumnSource, chunk_rows_for
 
@@ -189,18 +192,30 @@ class Engine:
         self.masked = masked
         self._bias: list[Any] = []  # per slab, then the tail: host arrays or variables
         self._bias_tensors: list[Any] = []
-        self.block = config.block_size or choose_block_size(self.n, config.top_k)
+        # Certified narrow scoring selects a top K' (about first_width(k)), not a top k.
+        self.certify = config.dtype in certification.NARROW and not config.approximate
+        selected = certification.first_width(config.top_k) if self.certify else config.top_k
+        self.block = config.block_size or choose_block_size(self.n, selected)
         self.n_blocks = self.n // self.block
         self.n_main = self.n_blocks * self.block
         budget = config.score_memory_mib and config.score_memory_mib * 1024 * 1024
         self.slabs = column_slabs(self.n_main, self.block, config.max_batch, budget)
         self.warmup_batches = warmup_batches(config.max_batch)
-        if config.dtype == "float16" and "CPU" in self.device:
-            log.warning(
-                "float16 matmul on CPU runs 2-5x slower than float32 (no float16 arithmetic); "
-                "bfloat16 also halves memory and is faster than float32 from batch 16 up."
-            )
+        note = certification.speed_note(config.dtype, self.device, cpu_flags(), self.onednn.enabled)
+        if note is not None:
+            log.warning(note[0].upper() + note[1:])
         self._load(progress)
+        self.certified: certification.CertifiedSearch | None = None
+        if self.certify:  # the hook: narrow scores certified and rescored in float32
+            self.certified = certification.build(
+                targets,
+                self._narrow_columns(),
+                config.dtype,
+                self.device,
+                self.block,
+                self._search_graph,
+                self._bias_tensors,
+            )
         self._reserve_working_memory()
         self._functions: dict[int, Callable[..., Any]] = {}  # id(trace) -> concrete function
         self._trace = tf.function(self._search_graph, jit_compile=False, autograph=False)
@@ -266,6 +281,11 @@ class Engine:
         # graph copies it whole; loading is over, so turn that off.
         tf.raw_ops.DisableCopyOnRead(resource=variable.handle)
         return variable
+
+    def _narrow_columns(self) -> list[tuple[int, Any]]:
+        """(first column, (dim, width) tensor) of the stored matrix, slabs then tail."""
+        firsts = [lo for lo, _ in self.slabs] + [self.n_main]
+        return list(zip(firsts, [*self._slab_tensors, self._tail], strict=True))
 
     def _reserve_working_memory(self) -> None:
         """Reserve one contiguous block of TensorFlow's CPU memory pool, big enough for the
@@ -439,6 +459,8 @@ class Engine:
         if self._blas is not None and 0 < batch <= BLAS_MAX_ROWS:
             return self._blas.search(queries, k)
         try:
+            if self.certified is not None:
+                return self.certified.search(queries, k)
             search = self._concrete(self._trace, tf.TensorSpec((), tf.int32))
             q, k_t = tf.constant(queries, tf.float32), tf.constant(k, tf.int32)
             rows, scores = search(q, k_t, *self._graph_inputs())
@@ -519,4 +541,16 @@ class Engine:
             "onednn": self.onednn.describe(),
             "tf32": self.tf32,
             "blas_max_batch": BLAS_MAX_ROWS if self._blas is not None else 0,
+            "precision": self.precision(),
         }
+
+    def precision(self) -> dict[str, object]:
+        """Which answers the dtype gives: exact float32, certified narrow, or approximate."""
+        if self.certified is not None:
+            return self.certified.describe()
+        if self.config.dtype in certification.NARROW:
+            return {
+                "mode": "approximate",
+                "unit_roundoff": certification.NARROW[self.config.dtype].u,
+            }
+        return {"mode": "float32"}

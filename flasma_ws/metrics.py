@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Any
+
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401  (re-exported)
 from prometheus_client import (
     CollectorRegistry,
@@ -11,6 +14,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
 
 disable_created_metrics()  # the *_created series only add noise to every scrape
 
@@ -115,8 +119,37 @@ class Metrics:
         for name, (text, read) in gauges.items():
             Gauge(name, text, registry=r).set_function(read)  # type: ignore[arg-type]
 
+    def track_certified(self, read: Callable[[], Any]) -> None:
+        """Export certified search's counts (`read()`: a flasma_ws.certified.Stats, or None
+        where the engine serving now is not certified), read at scrape."""
+        self.registry.register(_CertifiedCollector(read))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _CertifiedCollector:
+    """Certified narrow search: fallback fraction = fallbacks / queries; mean candidates =
+    candidates / (queries - fallbacks)."""
+
+    HELP = {
+        "queries": "Queries answered by certified narrow search.",
+        "fallbacks": "Queries recomputed in float32 in full (more candidates than the cap).",
+        "candidates": "Certified candidates rescored in float32, over the other queries.",
+        "widened": "Queries rerun with the narrow top K' at the cap.",
+    }
+
+    def __init__(self, read: Callable[[], Any]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        stats = self.read()
+        if stats is None:
+            return
+        for name, help_text in self.HELP.items():
+            yield CounterMetricFamily(
+                f"flasma_certified_{name}", help_text, value=getattr(stats, name)
+            )
 
 
 def read_samples(text: str) -> dict[str, float]:

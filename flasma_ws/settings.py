@@ -108,7 +108,16 @@ class EngineSettings:
     """The engine's part (flasma_ws.engine.EngineConfig is this class)."""
 
     device: str = setting("auto", "TensorFlow device: auto (GPU if present), cpu, gpu:N.")
-    dtype: str = setting("float32", "Stored matrix type: float32, float16 or bfloat16.")
+    dtype: str = setting(
+        "float32",
+        "Stored matrix type: float32, float16 or bfloat16. The narrow types still answer "
+        "exactly (certified candidates rescored in float32) unless --approximate.",
+    )
+    approximate: bool = setting(
+        False,
+        "With --dtype bfloat16 or float16: return the narrow scores as they are, without the "
+        "certified float32 rescore (faster, recall below 1, no float32 copy in memory).",
+    )
     max_batch: int = setting(128, "Most query rows per engine batch.")
     top_k: int = setting(10, "Results per query when the request gives no k.")
     max_k: int = setting(100, "Largest k a request may ask for.")

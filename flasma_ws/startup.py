@@ -67,7 +67,15 @@ def assemble(settings: Settings, loaded: Loaded, metrics: Metrics) -> Parts:
     info["key_type"] = engine.key_type
     if writable:
         info.update(collection.describe())
+    metrics.track_certified(lambda: certified_stats(engine))
     return Parts(engine, codec, batcher, info, collection)
+
+
+def certified_stats(engine: Any) -> Any:
+    """The serving engine's certified-search counts, or None (a live engine's base is
+    replaced at each compaction, so this is looked up at every scrape)."""
+    certified = getattr(getattr(engine, "base", engine), "certified", None)
+    return certified.stats if certified is not None else None
 
 
 def default_k(settings: Settings, n: int) -> int:
@@ -160,7 +168,7 @@ def describe(settings: Settings, engine: Any, top_k: int) -> dict[str, object]:
         "binary_header_bytes": protocol.BINARY_HEADER.size,
         # Which kernels answer: figures differ 3x between CPUs and kernel choices.
         "cpu": describe_cpu(),
-        **{key: kernels[key] for key in ("onednn", "tf32", "blas_max_batch")},
+        **{key: kernels[key] for key in ("onednn", "tf32", "blas_max_batch", "precision")},
     }
 
 

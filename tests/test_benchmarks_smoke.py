@@ -29,7 +29,7 @@ def test_targets_smoke_measures_every_target(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     checks = json.loads(out.read_text())["checks"]
     names = " ".join(c["name"] for c in checks)
-    for target in ("P1", "P2", "P3", "P4", "P5", "P6"):
+    for target in ("P1", "P2", "P3", "P4", "P5", "P6", "P7"):
         assert target in names
     assert all(c["measured"] == c["measured"] and c["measured"] is not None for c in checks)
     assert "target >=" in result.stdout and "target <=" in result.stdout

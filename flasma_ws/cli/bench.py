@@ -56,6 +56,20 @@ def bench(
         ),
     ] = False,
     markdown: Annotated[bool, typer.Option(help="Print Markdown tables instead.")] = False,
+    approximate: Annotated[
+        bool,
+        typer.Option(
+            help="With --dtype bfloat16/float16: the uncertified narrow scores (as serve "
+            "--approximate), instead of the certified exact answers."
+        ),
+    ] = False,
+    data: Annotated[
+        str,
+        typer.Option(
+            help="gaussian (the demo set) or clustered (tight clusters with near-duplicates, "
+            "queries near rows: many narrow ties)."
+        ),
+    ] = "gaussian",
     seed: Annotated[int, typer.Option(help="Seed of the generated matrix and queries.")] = 0,
 ) -> None:
     """Measure exact top-k q/s in-process, beside Flasma's published RTX 3090 figures."""
@@ -73,6 +87,8 @@ def bench(
             compare=compare,
             recall=recall,
             seed=seed,
+            approximate=approximate,
+            data=data,
         )
         check_writable(json_out, "--json-out")  # before the run: writing it is the last step
         faiss = lib.load_faiss() if compare else None
@@ -116,13 +132,25 @@ def _print(config: BenchConfig, results: list[Result], markdown: bool) -> None:
     if not results:
         return
     first = results[0]
-    head = f"N={config.n:,}, k={config.k}, {first.dtype} on {first.device}"
+    mode = " approximate" if config.approximate else ""
+    head = f"N={config.n:,}, k={config.k}, {first.dtype}{mode} on {first.device}, {config.data}"
     typer.echo(lib.machine_line())
     tables: list[tuple[str, Callable[[Result], str]]] = [
         (f"Engine q/s ({head}; Flasma's RTX 3090 figures in parentheses)", lib.engine_cell)
     ]
     if config.compare:
         tables += _compare_tables(results)
+    if any(r.fallback_fraction is not None for r in results):
+        tables += [
+            (
+                "Certified: fraction of queries recomputed in float32",
+                _cell(_fraction, "fallback_fraction"),
+            ),
+            (
+                "Certified: candidates rescored in float32 per query",
+                _cell(_mean, "mean_candidates"),
+            ),
+        ]
     if config.recall:
         _print_accuracy(config, results, markdown)
     for title, cell in tables:
@@ -148,6 +176,7 @@ COMPARED = [  # (title, short name, Result's q/s field, Result's ratio property)
     ),
     ("FAISS IndexFlatIP q/s", "FAISS", "faiss_qps", "over_faiss"),
     ("ScaNN brute force q/s (its fastest call)", "ScaNN", "scann_qps", "over_scann"),
+    ("float32 engine q/s (exact float32, same rows)", "float32", "float32_qps", "over_float32"),
 ]
 
 
@@ -161,6 +190,14 @@ def _compare_tables(results: list[Result]) -> list[tuple[str, Callable[[Result],
             tables.append((title, _cell(lib.format_qps, qps)))
             tables.append((f"engine / {name}", _cell(lib.format_ratio, ratio)))
     return tables
+
+
+def _fraction(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _mean(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def _cell(format_value: Callable[[float | None], str], field: str) -> Callable[[Result], str]:
