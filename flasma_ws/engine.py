@@ -213,7 +213,9 @@ class Engine:
                 config.dtype,
                 self.device,
                 self.block,
-                self._search_graph,
+                # The narrow candidates come from the engine's own two-stage top-k; inside the
+                # certified graph the matrix is captured (freed with it, see `release`).
+                lambda q, k: self._search_graph(q, k, *self._graph_inputs()),
                 self._bias_tensors,
             )
         self._reserve_working_memory()
@@ -522,6 +524,7 @@ class Engine:
         never be freed. The engine cannot search afterwards."""
         self._functions.clear()
         self._trace = self._matmul_trace = None
+        self.certified = None
         self._slab_tensors, self._tail, self._blas = [], None, None
         self._bias, self._bias_tensors = [], []
 

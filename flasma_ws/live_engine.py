@@ -195,11 +195,13 @@ class LiveEngine:
         self.config, self.key_type = config, key_type
         self.dim, self.device, self.max_k = base.dim, base.device, config.max_k
         self._host = bool(base.host_slabs())
-        self.app = Appendable(self.dim, config.dtype, self.device, self._host, FIRST_CAPACITY)
+        # Appended rows are kept in float32 whatever the base's dtype: the appendable is small,
+        # and a narrow one would need its own certification (certified.py) to stay exact.
+        self.app = Appendable(self.dim, "float32", self.device, self._host, FIRST_CAPACITY)
         self._app_keys = key_array([], key_type)
         signature = [
             tf.TensorSpec((None, self.dim), tf.float32),
-            tf.TensorSpec((None, self.dim), TF_DTYPES[config.dtype]),
+            tf.TensorSpec((None, self.dim), tf.float32),
             tf.TensorSpec((None,), tf.float32),
             tf.TensorSpec((), tf.int32),
         ]  # any batch and capacity: growing the segment never retraces
@@ -400,7 +402,7 @@ class LiveEngine:
         keys = [self._app_keys[s] for s in later]
         vectors = self.app.vectors(np.asarray(later, np.int64))
         capacity = max(FIRST_CAPACITY, self.app.used - plan.appended)
-        self.app = Appendable(self.dim, self.config.dtype, self.device, self._host, capacity)
+        self.app = Appendable(self.dim, "float32", self.device, self._host, capacity)
         self._app_keys = key_array([], self.key_type)
         retired = self.base
         self._install(base, plan.keys, slot_of, dead=len(stale))
