@@ -300,8 +300,10 @@ async def test_a_killed_shard_comes_back_and_every_request_is_answered_once(serv
         await asyncio.sleep(1.0)
         # Ray's own kill, the actor allowed to restart: it reloads its rows.
         victim = engine.shards[0].actor
+        killed = time.monotonic()
         ray.kill(victim, no_restart=False)
         seen = await _until_back(server, 0, restarts=1)
+        back_s = time.monotonic() - killed
         assert "degraded" in seen  # /healthz said so (HTTP 200) while the shard reloaded
         await asyncio.sleep(1.0)
         # The worker process itself, killed by the operating system.
@@ -325,7 +327,9 @@ async def test_a_killed_shard_comes_back_and_every_request_is_answered_once(serv
         samples = read_samples((await http.get("/metrics")).text)
     assert samples['flasma_shard_restarts_total{shard="0"}'] == 1
     assert samples['flasma_shard_restarts_total{shard="1"}'] == 1
-    print(f"answered exactly: {exact}, errors: {errors}")
+    reload_s = engine.live_info()["shards"][0]["load_seconds"]
+    print(f"answered exactly: {exact}, errors: {errors}; shard 0 back {back_s:.1f} s after the")
+    print(f"kill, its reload (TensorFlow import, rows, warm-up) {reload_s:.1f} s")
 
 
 async def test_a_request_whose_deadline_passes_while_a_shard_reloads_gets_timeout(server):
