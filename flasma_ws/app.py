@@ -288,12 +288,11 @@ class App:
             await route.handler(self, scope, receive, send)
 
     async def _healthz(self, _scope: Scope, _receive: Any, send: Any) -> None:
-        state = self.service.state
-        await _respond(send, 200 if state is State.READY else 503, {"status": state.value})
+        status, text = self.service.health()  # 200 "degraded" while a shard reloads
+        await _respond(send, status, {"status": text})
 
     async def _info(self, _scope: Scope, _receive: Any, send: Any) -> None:
-        live = self.service.live_info()
-        info = {**self.service.info, **live, "connections": self.connection_limits}
+        info = {**self.service.info_document(), "connections": self.connection_limits}
         await _respond(send, 200, {**info, "state": self.service.state.value})
 
     async def _metrics(self, _scope: Scope, _receive: Any, send: Any) -> None:

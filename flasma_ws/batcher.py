@@ -4,6 +4,9 @@ Every connection (and POST /cos) submits here. One engine thread computes one ba
 time; while it does, new requests gather, and the moment it finishes the next batch (up to
 max_batch query rows) is handed over before the previous answers are sent. An idle server
 runs a lone request at once; `max_wait_ms` trades latency for fuller batches.
+A sharded engine (shards.py) takes `in_flight` batches at once, each in its own engine
+thread, so that the shards compute one batch while the front end merges and answers another.
+A request whose rows span several batches is answered once, when its last rows come back.
 
 Fair to every client: each submitter (`Owner`, one connection) is a flow of the
 `FairQueue`, batches are formed by round-robin over the flows that have work, oldest first
@@ -19,12 +22,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from . import protocol
-from .errors import EngineError, Overloaded
+from .errors import EngineError, Overloaded, ShardsUnavailable
 from .fair_queue import FairQueue, Slice
 from .metrics import Metrics
 from .settings import BatcherSettings
@@ -82,11 +85,17 @@ class Pending:
         self.count = int(self.vectors.shape[0])
         self.queued_at = time.monotonic()
 
-    def store(self, start: int, rows: np.ndarray, scores: np.ndarray) -> None:
-        if self.rows is None:  # int64 row numbers or keys, or str keys (object)
-            self.rows = np.empty((self.count, self.k), rows.dtype)
+    def allocate(self, dtype: Any = np.int64) -> None:
+        """The answer's arrays (int64 row numbers or keys, or str keys: object). With several
+        batches in flight they are made on the event loop before any batch holding the
+        request's rows runs: the batches then only write their own rows of them."""
+        if self.rows is None:
+            self.rows = np.empty((self.count, self.k), dtype)
             self.scores = np.empty((self.count, self.k), np.float32)
-        assert self.scores is not None
+
+    def store(self, start: int, rows: np.ndarray, scores: np.ndarray) -> None:
+        self.allocate(rows.dtype)
+        assert self.rows is not None and self.scores is not None
         self.rows[start : start + rows.shape[0]] = rows[:, : self.k]
         self.scores[start : start + rows.shape[0]] = scores[:, : self.k]
 
@@ -111,9 +120,14 @@ class Batcher:
         metrics: Metrics,
         settings: BatcherSettings,
         max_batch: int,
+        in_flight: int = 1,
     ) -> None:
-        """`max_batch` is the engine's (settings.engine.max_batch): the rows it was sized for."""
+        """`max_batch` is the engine's (settings.engine.max_batch): the rows it was sized for;
+        `in_flight` the batches the engine may compute at once (1 but for a sharded engine)."""
         self.engine = engine
+        self.in_flight = in_flight
+        # A sharded engine waits for its shards until the batch's deadline (shards.py).
+        self._takes_deadline = bool(getattr(engine, "takes_deadline", False))
         self.metrics = metrics
         self.max_batch = max_batch
         self.max_wait_s = settings.max_wait_ms / 1000
@@ -121,7 +135,7 @@ class Batcher:
         self._work = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="flasma-engine")
+        self._executor = ThreadPoolExecutor(in_flight, thread_name_prefix="flasma-engine")
         self._task: asyncio.Task[None] | None = None
 
     # -- submitting (event loop) --------------------------------------------------------
@@ -182,30 +196,59 @@ class Batcher:
 
     # -- the loop ----------------------------------------------------------------------
     async def _run(self) -> None:
-        running: Running | None = None
+        running: list[Running] = []
         while True:
-            if running is None:
+            if not running:
                 await self._work.wait()
                 if self.max_wait_s and self._queue.rows < self.max_batch:
                     await self._gather_more()
-                running = self._launch(self._take())
+                self._fill(running)
             else:
-                batch, future = running
-                try:
-                    failures = await future
-                except Exception:  # _compute answers its own failures; this is a bug guard
-                    log.exception("The engine thread raised unexpectedly.")
-                    failures = [Failure(protocol.INTERNAL, INTERNAL_MESSAGE)] * len(batch.slices)
+                finished = await self._next_finished(running)
                 # Hand the engine its next batch before spending loop time on answers.
-                running = self._launch(self._take())
-                self._deliver(batch, failures)
-            if running is None and not self._queue.rows:
+                self._fill(running)
+                for batch, future in finished:
+                    self._deliver(batch, self._failures(batch, future))
+            if not running and not self._queue.rows:
                 self._idle.set()
 
+    async def _next_finished(self, running: list[Running]) -> list[Running]:
+        """Wait until a running batch finishes (or, with a free slot, until work comes);
+        take the finished ones out of `running`."""
+        waits: set[asyncio.Future[Any]] = {future for _, future in running}
+        work: asyncio.Future[Any] | None = None
+        if len(running) < self.in_flight:
+            work = asyncio.ensure_future(self._work.wait())
+            waits.add(work)
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if work is not None and not work.done():
+            work.cancel()
+        finished = [item for item in running if item[1].done()]
+        running[:] = [item for item in running if not item[1].done()]
+        return finished
+
+    def _failures(self, batch: Batch, future: asyncio.Future[list[Failure | None]]) -> list:
+        try:
+            return future.result()
+        except Exception:  # _compute answers its own failures; this is a bug guard
+            log.exception("The engine thread raised unexpectedly.")
+            return [Failure(protocol.INTERNAL, INTERNAL_MESSAGE)] * len(batch.slices)
+
+    def _fill(self, running: list[Running]) -> None:
+        """Start batches while the engine has room for them and requests wait."""
+        while len(running) < self.in_flight:
+            launched = self._launch(self._take())
+            if launched is None:
+                return
+            running.append(launched)
+
     def _launch(self, batch: Batch | None) -> Running | None:
-        """Start computing `batch` in the engine thread (None: nothing to start)."""
+        """Start computing `batch` in an engine thread (None: nothing to start)."""
         if batch is None:
             return None
+        if self.in_flight > 1:  # a sharded engine's rows: int64
+            for s in batch.slices:
+                s.request.allocate()
         loop = asyncio.get_running_loop()
         return batch, loop.run_in_executor(self._executor, self._compute, batch)
 
@@ -249,7 +292,10 @@ class Batcher:
         vectors = np.concatenate([s.request.vectors[s.start : s.stop] for s in batch.slices])
         k = max(s.request.k for s in batch.slices)
         started = time.perf_counter()
-        rows, scores, ok = self._search_split(vectors, k)
+        try:
+            rows, scores, ok = self._search_split(vectors, k, self._deadline(batch))
+        except ShardsUnavailable as exc:
+            return self._unavailable(batch, exc)
         self.metrics.engine_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(batch.rows)
         failures: list[Failure | None] = []
@@ -266,13 +312,37 @@ class Batcher:
             offset += width
         return failures
 
+    def _deadline(self, batch: Batch) -> float | None:
+        """The latest deadline among the batch's requests: shards are waited for while any
+        of them can still use the answer."""
+        if not self._takes_deadline:
+            return None
+        return max(s.request.deadline for s in batch.slices)
+
+    def _unavailable(self, batch: Batch, exc: ShardsUnavailable) -> list[Failure | None]:
+        """A shard did not answer: every request of the batch fails whole, `timeout` where its
+        deadline passed, else the engine's code (no split: the other half would wait too)."""
+        log.warning("A batch of %d queries failed: %s", batch.rows, exc)
+        now = time.monotonic()
+        return [
+            Failure(protocol.TIMEOUT, "The deadline passed before the shards answered.")
+            if now > s.request.deadline
+            else Failure(exc.code, str(exc))
+            for s in batch.slices
+        ]
+
     def _search_split(
-        self, vectors: np.ndarray, k: int
+        self, vectors: np.ndarray, k: int, deadline: float | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Search; if the engine fails (out of memory, say), retry each half on its own."""
         try:
-            rows, scores = self.engine.search(vectors, k)
+            if deadline is None:
+                rows, scores = self.engine.search(vectors, k)
+            else:
+                rows, scores = self.engine.search(vectors, k, deadline=deadline)  # type: ignore[call-arg]
             return rows, scores, np.ones(len(vectors), bool)
+        except ShardsUnavailable:
+            raise
         except EngineError as exc:
             log.warning("The engine failed on %d queries: %s", len(vectors), exc)
         except Exception:
@@ -280,7 +350,8 @@ class Batcher:
         if len(vectors) == 1:  # nothing left to split: this query fails alone
             return np.zeros((1, k), np.int64), np.zeros((1, k), np.float32), np.zeros(1, bool)
         half = len(vectors) // 2
-        first, second = self._search_split(vectors[:half], k), self._search_split(vectors[half:], k)
+        first = self._search_split(vectors[:half], k, deadline)
+        second = self._search_split(vectors[half:], k, deadline)
         return tuple(np.concatenate(pair) for pair in zip(first, second))  # type: ignore[return-value]
 
     # -- answering (event loop) --------------------------------------------------------

@@ -6,7 +6,8 @@ FlasmaError
 ├── KeyFileError         a --keys file that cannot be used
 ├── StorageError         the data directory (WAL, snapshots) cannot be read or written
 ├── EngineError          TensorFlow failed while loading or searching
-│   └── EngineOutOfMemory
+│   ├── EngineOutOfMemory
+│   └── ShardsUnavailable  a shard did not answer in time (carries the wire `code`)
 ├── LoadCancelled        loading stopped because the server is shutting down
 ├── Overloaded           the batcher's queue is full (answered `overloaded` at once)
 ├── ProtocolError        a request that cannot be answered (carries a wire `code`)
@@ -44,6 +45,15 @@ class EngineError(FlasmaError):
 
 class EngineOutOfMemory(EngineError):
     """The device ran out of memory for a batch or for the matrix."""
+
+
+class ShardsUnavailable(EngineError):
+    """A shard of a sharded engine did not answer: its whole batch fails with `code`
+    (`unavailable`, or `timeout` once the batch's deadline passed), never a partial answer."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class LoadCancelled(FlasmaError):

@@ -240,6 +240,18 @@ class Service:
             return {}
         return {"n": self.engine.n, **self.collection.describe()}
 
+    def health(self) -> tuple[int, str]:
+        """/healthz: 200 while serving ("degraded" while a shard reloads), else 503."""
+        if self.state is not State.READY:
+            return 503, self.state.value
+        return 200, "degraded" if getattr(self.engine, "degraded", False) else "ready"
+
+    def info_document(self) -> dict[str, object]:
+        """/info: what was loaded, what changes while serving (live rows, a sharded engine's
+        shards as they are now), and the state."""
+        shards = self.engine.live_info() if hasattr(self.engine, "live_info") else {}
+        return {**self.info, **self.live_info(), **shards, "state": self.state.value}
+
     def require_codec(self) -> Codec:
         if self.codec is None:
             raise ProtocolError(protocol.UNAVAILABLE, "The server is still loading; retry shortly.")
@@ -258,3 +270,6 @@ class Service:
             await asyncio.get_running_loop().run_in_executor(None, self.collection.close)
         if self.batcher is not None:
             await self.batcher.close()
+        close = getattr(self.engine, "close", None)  # a sharded engine ends its actors
+        if close is not None:
+            await asyncio.get_running_loop().run_in_executor(None, close)

@@ -202,6 +202,38 @@ class SecuritySettings:
     )
 
 
+@dataclass(frozen=True)
+class ShardSettings:
+    """Sharding over Ray actors (flasma_ws/shards.py, docs/scale-out.md)."""
+
+    shards: int = setting(
+        0,
+        "Split the matrix over this many Ray actors, each loading its own rows "
+        "(needs flasma-ws[ray]); 0 = one engine in this process.",
+    )
+    ray_address: str | None = setting(
+        None,
+        "With --shards: 'auto' (the running Ray cluster) or a cluster address "
+        "(default: start a local Ray on 127.0.0.1 and stop it on exit).",
+    )
+    shard_cpus: float = setting(1.0, "CPUs Ray reserves per shard actor (fractions allowed).")
+    shard_gpus: float | None = setting(
+        None, "GPUs per shard actor (default: 1 where the Ray cluster has GPUs, else 0)."
+    )
+    shard_restarts: int = setting(
+        -1, "Times Ray restarts a dead shard actor, which reloads its rows (-1 = no limit)."
+    )
+    shard_inflight: int = setting(
+        2, "Batches in flight across the shards at once, so that shards and front end overlap."
+    )
+    ray_cpus: int | None = setting(
+        None, "CPUs of the local Ray (default: this machine's, at least one per shard)."
+    )
+    ray_object_store_mib: int | None = setting(
+        None, "Object store MiB of the local Ray (default: Ray's, 30 % of memory)."
+    )
+
+
 SECTIONS: dict[str, type] = {
     "targets": TargetSettings,
     "collection": CollectionSettings,
@@ -210,6 +242,7 @@ SECTIONS: dict[str, type] = {
     "batcher": BatcherSettings,
     "limits": LimitSettings,
     "security": SecuritySettings,
+    "sharding": ShardSettings,
 }
 SECTION_OF = {f.name: name for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
 
@@ -249,6 +282,7 @@ class Settings:
     batcher: BatcherSettings
     limits: LimitSettings
     security: SecuritySettings
+    sharding: ShardSettings
 
     def __init__(self, **values: Any) -> None:
         sections = {name: values.pop(name, None) or cls() for name, cls in SECTIONS.items()}
@@ -339,6 +373,34 @@ class Settings:
         self._validate_collection()
         if self.npy is None and self.dim is None and self.data_dir is None:
             raise ConfigError("Give --npy FILE, or --dim D to serve a generated demo set.")
+        self._validate_shards()
+
+    def _validate_shards(self) -> None:
+        if self.shards < 0:
+            raise ConfigError(f"--shards must be 0 (no sharding) or more, got {self.shards}.")
+        if self.shard_inflight < 1:
+            raise ConfigError(f"--shard-inflight must be at least 1, got {self.shard_inflight}.")
+        if self.shard_cpus < 0 or (self.shard_gpus is not None and self.shard_gpus < 0):
+            raise ConfigError("--shard-cpus and --shard-gpus must not be negative.")
+        if self.shard_restarts < -1:
+            raise ConfigError(
+                f"--shard-restarts must be -1 (no limit) or more, got {self.shard_restarts}."
+            )
+        if not self.shards:
+            if self.ray_address is not None:
+                raise ConfigError("--ray-address needs --shards N (N of at least 1).")
+            return
+        # Live collections (--data-dir) write to one engine; writes are not routed to shards.
+        if self.data_dir is not None:
+            raise ConfigError(
+                "--data-dir (live collections) cannot be combined with --shards yet: writes "
+                "are not shard-aware. Serve a fixed --npy file with --shards, or drop --shards."
+            )
+        if self.keys is not None or self.key_type != "int":
+            raise ConfigError(
+                "--keys and --key-type str cannot be combined with --shards yet: shards answer "
+                "the file's row numbers. Drop --keys/--key-type, or drop --shards."
+            )
 
     def _validate_collection(self) -> None:
         if self.key_type not in KEY_TYPES:

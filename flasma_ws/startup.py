@@ -61,7 +61,11 @@ def assemble(settings: Settings, loaded: Loaded, metrics: Metrics) -> Parts:
     writes = WriteCodec(engine.dim, engine.key_type, limits.max_queries_per_frame)
     keyed = writable and engine.key_type == "int"
     codec = Codec(engine.dim, n, top_k, engine.max_k, limits.max_queries_per_frame, writes, keyed)
-    batcher = Batcher(engine, metrics, settings.batcher, settings.engine.max_batch)
+    # A sharded engine keeps several batches in flight and has per-shard metrics.
+    in_flight = getattr(engine, "in_flight", 1)
+    batcher = Batcher(engine, metrics, settings.batcher, settings.engine.max_batch, in_flight)
+    if hasattr(engine, "attach_metrics"):
+        engine.attach_metrics(metrics.registry)
     info = describe(settings, engine, top_k)
     info["writable"] = writable
     info["key_type"] = engine.key_type
@@ -93,6 +97,10 @@ def default_k(settings: Settings, n: int) -> int:
 
 def load_engine(settings: Settings, started: float, progress: Progress) -> Loaded:
     """Vectors read, matrix on the device, warmed up (in a worker thread)."""
+    if settings.shards:  # the shards load their own rows; TensorFlow never loads here
+        from .shards import load_sharded
+
+        return Loaded(load_sharded(settings, progress))
     from .vectors import open_targets
 
     s = settings

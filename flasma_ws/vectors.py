@@ -7,6 +7,7 @@ the engine copies chunk by chunk straight onto its device.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import mmap
 from collections.abc import Callable, Iterator
@@ -47,6 +48,17 @@ class VectorSource:
     label: str  # the file path, or "demo"
     array: np.ndarray | None = None  # the memory map (None for demo)
     seed: int = 0
+    offset: int = 0  # the file's (or demo stream's) row that is row 0 here: see row_range
+
+    def row_range(self, start: int, stop: int) -> VectorSource:
+        """Rows start..stop as a source of their own, read from the same file or demo stream
+        (a shard's rows: flasma_ws/shards.py)."""
+        if not 0 <= start < stop <= self.n:
+            raise VectorFileError(f"Rows {start}..{stop} are not within the {self.n} rows.")
+        array = self.array
+        if self.layout == "standard" and array is not None:
+            array = array[start:stop]
+        return dataclasses.replace(self, n=stop - start, array=array, offset=self.offset + start)
 
     @property
     def integer_dtype(self) -> str | None:
@@ -62,11 +74,12 @@ class VectorSource:
     def _legacy_columns(self, start: int, stop: int) -> np.ndarray:
         """A view of rows start..stop of a legacy file: column j of its (dim, N) matrix is row j."""
         assert self.array is not None
-        return self.array.reshape(self.dim, self.n)[:, start:stop]
+        first = self.offset + start  # a legacy file's array is always the whole file
+        return self.array.reshape(self.dim, -1)[:, first : first + stop - start]
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         if self.layout == "demo":
-            return _demo_rows(self.seed, self.dim, start, stop)
+            return _demo_rows(self.seed, self.dim, self.offset + start, self.offset + stop)
         assert self.array is not None
         block = (
             self._legacy_columns(start, stop).T

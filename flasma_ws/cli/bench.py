@@ -71,10 +71,27 @@ def bench(
         ),
     ] = "gaussian",
     seed: Annotated[int, typer.Option(help="Seed of the generated matrix and queries.")] = 0,
+    shards: Annotated[
+        str | None,
+        typer.Option(
+            help="Shard counts, e.g. 1,2,4: instead of the q/s tables, time the sharded engine "
+            "(local Ray, same total --n) against one engine: the fan-out overhead per batch "
+            "(needs flasma-ws\\[ray])."
+        ),
+    ] = None,
 ) -> None:
     """Measure exact top-k q/s in-process, beside Flasma's published RTX 3090 figures."""
     from .. import bench as lib  # TensorFlow loads only when benchmarking
 
+    if shards is not None:
+        from . import bench_shards
+
+        try:
+            check_writable(json_out, "--json-out")
+            bench_shards.run(shards, batches, dims, n, k, seconds, seed, json_out)
+        except FlasmaError as exc:
+            fail(exc)
+        return
     try:
         config = lib.BenchConfig(
             batches=lib.parse_int_list(batches, "--batches"),
