@@ -72,6 +72,7 @@ class Collection:
         self.engine, self.directory, self.wal = engine, Path(directory), wal
         self.settings, self.max_rows = settings, max_rows
         self.stats = CollectionStats()
+        self.imported = False  # whether this start imported --npy or the demo set
         self._run_in_engine: RunInEngine | None = None
         self._results: dict[int, tuple[int, int]] = {}
         self._committer: GroupCommitter | None = None

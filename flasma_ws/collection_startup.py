@@ -61,6 +61,7 @@ def open_collection(settings: Settings, progress: Progress) -> tuple[LiveEngine,
     existing = read_collection(directory)
     if existing is not None and latest_snapshot(directory) is None:
         existing = None  # the first import did not finish: do it again
+    imported = existing is None
     if existing is None:
         _import(s, directory, progress)
     else:
@@ -90,7 +91,9 @@ def open_collection(settings: Settings, progress: Progress) -> tuple[LiveEngine,
         counted(engine.n, "row"),
     )
     max_rows = s.max_rows or default_max_rows(snapshot.dim)
-    return engine, Collection(engine, directory, wal, s.collection, max_rows)
+    collection = Collection(engine, directory, wal, s.collection, max_rows)
+    collection.imported = imported
+    return engine, collection
 
 
 def _import(settings: Settings, directory: Path, progress: Progress) -> None:

@@ -71,6 +71,8 @@ def assemble(settings: Settings, loaded: Loaded, metrics: Metrics) -> Parts:
     info["key_type"] = engine.key_type
     if writable:
         info.update(collection.describe())
+        if not collection.imported:  # its rows are its own now, whatever --dim says
+            info["demo"] = None
     metrics.track_certified(lambda: certified_stats(engine))
     return Parts(engine, codec, batcher, info, collection)
 
@@ -168,7 +170,7 @@ def describe(settings: Settings, engine: Any, top_k: int) -> dict[str, object]:
         "max_k": engine.max_k,
         "source": _source(s),
         "demo": None
-        if s.npy is not None or s.data_dir is not None  # a collection's rows are its own
+        if s.npy is not None
         else {"size": s.demo_size, "seed": s.demo_seed, "dim": s.dim},
         "drop_zero": s.drop_zero,
         "zero_rows_dropped": getattr(engine.targets, "zero_rows", 0),
