@@ -23,27 +23,26 @@ import argparse
 import asyncio
 import itertools
 import json
-import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
 import orjson
+
+# The sibling script's report and process helpers (both run as `python benchmarks/X.py`).
+from targets import FLASMA, Check, report, serving  # type: ignore[import-not-found]
 from websockets.asyncio.client import connect
 
 from flasma_ws.metrics import read_samples
-from flasma_ws.testing import ServerProcess, launch, wait_ready
+from flasma_ws.testing import ServerProcess, wait_ready
 from flasma_ws.write_codec import encode_binary_upsert
 
-FLASMA = [sys.executable, "-m", "flasma_ws"]
 NO_COMPACTION = ["--compact-min-rows", "100000000"]
 
 
@@ -64,39 +63,7 @@ SMOKE = Sizes(
 )  # fmt: skip
 
 
-@dataclass
-class Check:
-    name: str
-    measured: float
-    target: float
-    higher_is_better: bool
-    detail: dict[str, object] = field(default_factory=dict)
-
-    @property
-    def met(self) -> bool:
-        if self.higher_is_better:
-            return self.measured >= self.target
-        return self.measured <= self.target
-
-    def line(self) -> str:
-        sign = ">=" if self.higher_is_better else "<="
-        verdict = "met" if self.met else "MISSED"
-        return (
-            f"{self.name:<58} {self.measured:>12,.3f}  target {sign} {self.target:<9,g} {verdict}"
-        )
-
-
 # -- processes ---------------------------------------------------------------------------------
-@contextmanager
-def serving(workdir: Path, *args: str) -> Iterator[ServerProcess]:
-    log = workdir / f"serve-{len(list(workdir.glob('serve-*.log')))}.log"
-    server = launch(log, *args)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def loadtest(server: ServerProcess, workdir: Path, name: str, *args: str) -> dict:
     out = workdir / f"load-{name}.json"
     command = [*FLASMA, "loadtest", "--url", server.url, "--json-out", str(out), *args]
@@ -298,13 +265,6 @@ def d(sizes: Sizes, workdir: Path) -> list[Check]:
 STEPS = {"a": a_b, "c": c, "d": d}
 
 
-def machine_line() -> str:
-    from flasma_ws.machine import summary_line
-    from flasma_ws.tf_runtime import onednn_state
-
-    return summary_line(onednn_state().enabled)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that it works")
@@ -318,19 +278,7 @@ def main() -> int:
         for step in (s.strip() for s in args.only.split(",")):
             print(f"running {step} ...", flush=True)
             checks += STEPS[step](sizes, Path(tmp))
-    print()
-    print(machine_line())
-    for check in checks:
-        print(check.line())
-        print(f"    {json.dumps(check.detail, default=str)}")
-    if args.json_out:
-        summary = {
-            "sizes": asdict(sizes),
-            "cpus": os.cpu_count(),
-            "machine": machine_line(),
-            "checks": [{**asdict(check), "met": check.met} for check in checks],
-        }
-        args.json_out.write_text(json.dumps(summary, indent=2, default=str))
+    report(checks, sizes, args.json_out, width=58, detail=True)
     return 0  # a benchmark reports; it does not fail on a missed target
 
 

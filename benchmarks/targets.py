@@ -74,10 +74,14 @@ class Check:
             self.measured >= self.target if self.higher_is_better else self.measured <= self.target
         )
 
-    def line(self) -> str:
+    def line(self, width: int = 44) -> str:
+        """One table row; `width`: the name column (benchmarks/live_targets.py's are longer)."""
         sign = ">=" if self.higher_is_better else "<="
         verdict = "met" if self.met else "NOT met"
-        return f"{self.name:<44} {self.measured:>10.3f}  target {sign} {self.target:<8g} {verdict}"
+        return (
+            f"{self.name:<{width}} {self.measured:>10,.3f}  target {sign} {self.target:<8,g} "
+            f"{verdict}"
+        )
 
 
 # -- processes -------------------------------------------------------------------------------
@@ -94,8 +98,7 @@ def serving(workdir: Path, *args: str) -> Iterator[ServerProcess]:
     try:
         yield server
     finally:
-        server.process.terminate()
-        server.process.wait(60)
+        server.stop()
 
 
 # -- the targets -----------------------------------------------------------------------------
@@ -303,6 +306,26 @@ def machine_line() -> str:
     return summary_line(onednn_state().enabled)
 
 
+def report(
+    checks: list[Check], sizes: object, json_out: Path | None, width: int = 44, detail: bool = False
+) -> None:
+    """The table (with each check's detail when asked) and the --json-out summary."""
+    print()
+    print(machine_line())
+    for check in checks:
+        print(check.line(width))
+        if detail:
+            print(f"    {json.dumps(check.detail, default=str)}")
+    if json_out:
+        summary = {
+            "sizes": asdict(sizes),  # type: ignore[call-overload]
+            "cpus": os.cpu_count(),
+            "machine": machine_line(),
+            "checks": [{**asdict(c), "met": c.met} for c in checks],
+        }
+        json_out.write_text(json.dumps(summary, indent=2, default=str))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that it works")
@@ -323,18 +346,7 @@ def main() -> int:
         for step in steps:
             print(f"running {step} ...", flush=True)
             checks += STEPS[step](sizes, Path(tmp), cells)
-    print()
-    print(machine_line())
-    for check in checks:
-        print(check.line())
-    if args.json_out:
-        summary = {
-            "sizes": asdict(sizes),
-            "cpus": os.cpu_count(),
-            "machine": machine_line(),
-            "checks": [{**asdict(c), "met": c.met} for c in checks],
-        }
-        args.json_out.write_text(json.dumps(summary, indent=2, default=str))
+    report(checks, sizes, args.json_out)
     return 0  # a benchmark reports; it does not fail on a missed target
 
 
