@@ -57,7 +57,6 @@ class CollectionStats:
     compactions: int = 0
     last_compaction_seconds: float = 0.0
     last_compaction_at: float | None = None  # time.time()
-    compacting: bool = False
 
 
 class Collection:
@@ -90,10 +89,6 @@ class Collection:
         self._compactor.start()
 
     # -- writes (any thread) -------------------------------------------------------------
-    def new_keys(self, keys: list[Key]) -> int:
-        """How many of `keys` are not live now (a racy read: only for the --max-rows check)."""
-        return sum(1 for key in keys if not self.engine.has(key))
-
     def room(self) -> int:
         return self.max_rows - self.engine.n - self._reserved
 
@@ -167,26 +162,22 @@ class Collection:
         if not self.engine.n:
             return  # nothing live to build a base from; deletions stay masked
         started = time.perf_counter()
-        self.stats.compacting = True
-        try:
-            first_new = self._committer.rotate().result()
-            plan = self._engine_call(self.engine.plan_compaction).result()
-            base = self.engine.build_base(plan)
-            rows = self.engine.planned_rows(plan)
-            write_snapshot(
-                self.directory,
-                plan.lsn,
-                self.engine.dim,
-                self.engine.key_type,  # type: ignore[arg-type]
-                rows.n,
-                lambda out: rows.fill_columns(out, 0),
-                plan.keys,
-            )
-            self._engine_call(lambda: self.engine.swap(plan, base)).result()
-            self.wal.retire(min(first_new, plan.lsn + 1))
-            retire_snapshots(self.directory, plan.lsn)
-        finally:
-            self.stats.compacting = False
+        first_new = self._committer.rotate().result()
+        plan = self._engine_call(self.engine.plan_compaction).result()
+        base = self.engine.build_base(plan)
+        rows = self.engine.planned_rows(plan)
+        write_snapshot(
+            self.directory,
+            plan.lsn,
+            self.engine.dim,
+            self.engine.key_type,  # type: ignore[arg-type]
+            rows.n,
+            lambda out: rows.fill_columns(out, 0),
+            plan.keys,
+        )
+        self._engine_call(lambda: self.engine.swap(plan, base)).result()
+        self.wal.retire(min(first_new, plan.lsn + 1))
+        retire_snapshots(self.directory, plan.lsn)
         seconds = time.perf_counter() - started
         self.stats.compactions += 1
         self.stats.last_compaction_seconds = seconds

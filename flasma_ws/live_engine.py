@@ -151,18 +151,13 @@ class PlannedRows:
     again: slots are only appended, and the base is immutable), for a new base `Engine`."""
 
     def __init__(self, engine: LiveEngine, plan: CompactionPlan) -> None:
-        self._base, self._app, self._nb = engine.base, engine.app, engine.base.n
+        self._base, self._app = engine.base, engine.app
         self._positions = plan.positions
         self.n, self.dim = int(plan.positions.size), engine.dim
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """(stop - start, dim) float32 rows."""
-        picked = self._positions[start:stop]
-        out = np.empty((picked.size, self.dim), np.float32)
-        in_base = picked < self._nb
-        out[in_base] = self._base.column_vectors(picked[in_base])
-        out[~in_base] = self._app.vectors(picked[~in_base] - self._nb)
-        return out
+        return _stored_vectors(self._base, self._app, self._positions[start:stop])
 
     def fill_columns(
         self, out: np.ndarray, first: int, progress: Callable[[int], None] | None = None
@@ -342,14 +337,7 @@ class LiveEngine:
         return [None if p is None else next(vectors) for p in positions]
 
     def _vectors(self, positions: np.ndarray) -> np.ndarray:
-        nb = self.base.n
-        out = np.empty((positions.size, self.dim), np.float32)
-        in_base = positions < nb
-        if in_base.any():
-            out[in_base] = self.base.column_vectors(positions[in_base])
-        if (~in_base).any():
-            out[~in_base] = self.app.vectors(positions[~in_base] - nb)
-        return out
+        return _stored_vectors(self.base, self.app, positions)
 
     # -- compaction: plan (engine thread), build (any thread), swap (engine thread) -------
     def plan_compaction(self) -> CompactionPlan:
@@ -421,6 +409,18 @@ def _grow_keys(keys: np.ndarray, first: int, new: Sequence[Key], key_type: str) 
         keys = grown
     keys[first:need] = list(new)
     return keys
+
+
+def _stored_vectors(base: Engine, app: Appendable, positions: np.ndarray) -> np.ndarray:
+    """(m, dim) float32 stored vectors at positions of `base` then `app`."""
+    nb = base.n
+    out = np.empty((positions.size, base.dim), np.float32)
+    in_base = positions < nb
+    if in_base.any():
+        out[in_base] = base.column_vectors(positions[in_base])
+    if (~in_base).any():
+        out[~in_base] = app.vectors(positions[~in_base] - nb)
+    return out
 
 
 def _positions_of(keys: np.ndarray) -> dict[Key, int]:
