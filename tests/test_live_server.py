@@ -4,6 +4,7 @@ float64 brute force over the rows live at that moment, restarts from the data di
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -229,9 +230,17 @@ def test_compaction_while_serving_keeps_answers_exact_and_survives_a_restart(tmp
                 model[key] = unit_rows(vector)[0].astype(np.float32)
             model.pop(frame)
             assert_search_exact(server.url, model, rng.standard_normal((4, DIM)), 8)
-        info = httpx.get(f"{server.http_url}/info").json()
+        # Compaction runs in the background: wait (bounded) until one has finished and its
+        # retirement of older snapshots is done, then check.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            info = httpx.get(f"{server.http_url}/info").json()
+            snapshots = list(data.glob("snapshots/snap-*"))
+            if info["compactions"] >= 1 and len(snapshots) == 1:
+                break
+            time.sleep(0.05)
     assert info["compactions"] >= 1 and info["n"] == len(model)
-    assert len(list(data.glob("snapshots/snap-*"))) == 1  # older snapshots retired
+    assert len(snapshots) == 1  # older snapshots retired
     with BackgroundServer(serving(data_dir=data)) as again:
         assert_search_exact(again.url, model, rng.standard_normal((4, DIM)), 8)
 
