@@ -151,6 +151,8 @@ class Collection:
             self._wake.clear()
             if self._closing:
                 return
+            if not self._due():  # woken during the last compaction, which took those rows
+                continue
             try:
                 self.compact()
             except Exception:  # the collection keeps serving from the old base
@@ -161,10 +163,19 @@ class Collection:
         assert self._committer is not None
         if not self.engine.n:
             return  # nothing live to build a base from; deletions stay masked
-        started = time.perf_counter()
+        phases: dict[str, float] = {}
+        started = last = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            phases[name], last = now - last, now
+
         first_new = self._committer.rotate().result()
         plan = self._engine_call(self.engine.plan_compaction).result()
+        lap("freeze")
         base = self.engine.build_base(plan)
+        lap("build")
         rows = self.engine.planned_rows(plan)
         write_snapshot(
             self.directory,
@@ -175,18 +186,22 @@ class Collection:
             lambda out: rows.fill_columns(out, 0),
             plan.keys,
         )
+        lap("snapshot")
         self._engine_call(lambda: self.engine.swap(plan, base)).result()
+        lap("swap")
         self.wal.retire(min(first_new, plan.lsn + 1))
         retire_snapshots(self.directory, plan.lsn)
+        lap("retire")
         seconds = time.perf_counter() - started
         self.stats.compactions += 1
         self.stats.last_compaction_seconds = seconds
         self.stats.last_compaction_at = time.time()
         log.info(
-            "Compacted %d live rows into a new base and snapshot %d in %.2f s.",
+            "Compacted %d live rows into a new base and snapshot %d in %.2f s (%s).",
             plan.positions.size,
             plan.lsn,
             seconds,
+            ", ".join(f"{name} {1000 * t:.0f} ms" for name, t in phases.items()),
         )
 
     def close(self) -> None:

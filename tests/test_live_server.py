@@ -245,6 +245,31 @@ def test_compaction_while_serving_keeps_answers_exact_and_survives_a_restart(tmp
         assert_search_exact(again.url, model, rng.standard_normal((4, DIM)), 8)
 
 
+def test_writes_during_a_compaction_do_not_start_another(tmp_path: Path):
+    """A compaction takes every row written before its freeze: the writes that arrive while
+    it runs (fewer than --compact-min-rows) must not start a second one right after it."""
+    settings = serving(**DEMO, data_dir=tmp_path / "data", compact_min_rows=20)
+    rng = np.random.default_rng(4)
+
+    def upsert(keys: list[int]) -> None:
+        vectors = rng.standard_normal((len(keys), DIM))
+        items = [{"key": k, "embedding": v.tolist()} for k, v in zip(keys, vectors)]
+        asyncio.run(call(server.url, {"id": 1, "op": "upsert", "items": items}))
+
+    with BackgroundServer(settings) as server:
+        upsert(list(range(9000, 9025)))  # due: 25 >= 20
+        for key in range(9100, 9115):  # 15 more, most while the compaction runs
+            upsert([key])
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{server.http_url}/info").json()["compactions"] < 1:
+            assert time.monotonic() < deadline, "no compaction in 60 s"
+            time.sleep(0.05)
+        time.sleep(2)  # time for a second one to start and finish
+        info = httpx.get(f"{server.http_url}/info").json()
+    assert info["compactions"] == 1
+    assert info["n"] == N + 40
+
+
 def test_string_keys_from_a_keys_file(tmp_path: Path):
     rows = np.random.default_rng(2).standard_normal((50, DIM)).astype(np.float32)
     np.save(tmp_path / "v.npy", rows)
