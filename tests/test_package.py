@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -80,3 +81,19 @@ def test_the_wheel_ships_the_dashboard(tmp_path):
     assert "flasma_ws/dashboard/index.html" in wanted
     assert "flasma_ws/dashboard/vendor/uPlot.LICENSE" in wanted
     assert wanted <= shipped, sorted(wanted - shipped)
+
+
+def test_importing_the_package_stops_openblas_spinning_unless_told_otherwise():
+    """OpenBLAS reads OPENBLAS_THREAD_TIMEOUT once, when numpy loads it: the package must set
+    it before its own numpy import, and leave a value the environment gives alone."""
+    probe = "import os, flasma_ws; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+
+    def timeout(env: dict[str, str]) -> str:
+        clean = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+        run = subprocess.run(
+            [sys.executable, "-c", probe], env={**clean, **env}, capture_output=True, text=True
+        )
+        return run.stdout.strip()
+
+    assert timeout({}) == "4"
+    assert timeout({"OPENBLAS_THREAD_TIMEOUT": "28"}) == "28"
