@@ -117,7 +117,7 @@ class Shard:
 
     def public(self) -> dict[str, Any]:
         """Its entry in /info."""
-        keys = ("n", "device", "node", "host", "pid", "load_seconds", "zero_rows")
+        keys = ("n", "device", "node", "host", "pid", "load_seconds", "zero_rows", "threads")
         return {
             "shard": self.index,
             "rows": [self.start, self.stop],
