@@ -6,10 +6,17 @@ when it restarts a dead actor, so a restarted shard reloads its rows on its own.
 Each answer carries the actor's `incarnation` (new on every start), from which the front end
 counts restarts. `describe` runs in its own concurrency group: a probe is answered while a
 search runs, and is not answered while the constructor still loads (the shard is reloading).
+
+Threads. A shard's BLAS pool (the batch-1 path) and TensorFlow's intra-op pool get `threads`,
+the CPUs Ray reserves for the shard, instead of whatever the library picks (numpy's OpenBLAS:
+one thread or every core, depending on whether Ray set OMP_NUM_THREADS before numpy loaded;
+TensorFlow: every core). Threads beyond the reserved CPUs compete with the other shards and
+the front end on the same cores; the reserved ones are what a shard may use.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -19,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import ray
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from .settings import EngineSettings
 
@@ -40,6 +48,7 @@ class ShardSpec:
     drop_zero: bool
     engine: EngineSettings
     tf_interop_threads: int
+    threads: int = 1  # BLAS and TensorFlow intra-op threads: the CPUs Ray reserves for it
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,28 @@ def open_rows(spec: ShardSpec) -> Any:
     return prepare(source.row_range(spec.start, spec.stop), spec.drop_zero)
 
 
+def limit_threads(threads: int) -> Any:
+    """Size the BLAS pools and TensorFlow's intra-op pool to `threads`; call it before
+    TensorFlow's first op (its pool is fixed then). Returns threadpoolctl's limiter, which
+    the caller keeps (the limits last as long as the process; keeping it is only explicit)."""
+    from .engine import tf  # imported there after tf_runtime set its environment
+
+    with contextlib.suppress(RuntimeError):  # TensorFlow already ran an op: its pool stays
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+    return threadpool_limits(threads, user_api="blas")
+
+
+def thread_counts() -> dict[str, int]:
+    """What the pools use now (threadpoolctl reads the BLAS libraries themselves)."""
+    from .engine import tf  # imported there after tf_runtime set its environment
+
+    blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+    return {
+        "blas": max(blas, default=0),
+        "tf_intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+    }
+
+
 class ShardServer:
     """The actor's class (wrapped by `ray.remote` in flasma_ws/shards.py)."""
 
@@ -71,6 +102,7 @@ class ShardServer:
         self.incarnation = uuid.uuid4().hex
         from .engine import Engine, configure_threads
 
+        self._limits = limit_threads(spec.threads)
         configure_threads(spec.tf_interop_threads)
         self.targets = open_rows(spec)
         self.engine = Engine(self.targets, spec.engine)
@@ -102,5 +134,6 @@ class ShardServer:
             "pid": os.getpid(),
             "incarnation": self.incarnation,
             "load_seconds": round(self.load_seconds, 3),
+            "threads": thread_counts(),
             "engine": self.engine.describe(),
         }

@@ -4,12 +4,15 @@ For each shard count the matrix (the demo set of --n rows) is split over that ma
 on a local Ray; one engine in this process holds all N. Both answer the same queries, timed in
 turns (timing.time_calls): fan-out overhead = sharded minus single-engine seconds per batch.
 On one machine the shards share its cores, so this is the cost of going through Ray, not the
-speed-up of more devices (docs/scale-out.md models that). Also: the merge alone at 64
-synthetic shards, the cost that grows with the shard count in the front end.
+speed-up of more devices (docs/scale-out.md models that). Each of S shards reserves
+cores / S CPUs, and so runs that many BLAS and TensorFlow threads (at least one): the shards
+together use the cores the one engine uses. Also: the merge alone at 64 synthetic shards, the
+cost that grows with the shard count in the front end.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -77,8 +80,9 @@ def run_fanout(
         raise ConfigError("--shards takes shard counts of at least 1, e.g. 1,2,4.")
     ray = sharding.import_ray(loopback=True)
     owned = not ray.is_initialized()
-    if owned:
-        sharding.start_local_ray(max(shard_counts) + 1, object_store_mib=256)
+    cores = os.cpu_count() or 1
+    if owned:  # room for every shard count's engine at once, each reserving all the cores
+        sharding.start_local_ray(cores * len(shard_counts), object_store_mib=256)
     results = []
     try:
         for dim in dims:
@@ -94,7 +98,7 @@ def run_fanout(
                 if progress is not None:
                     progress(f"d={dim}: {count} shards loading")
                 engines[count] = sharding.ShardedEngine(
-                    settings.replace(shards=count, shard_cpus=0.0)
+                    settings.replace(shards=count, shard_cpus=cores / count)
                 )
             try:
                 results += _measure(single, engines, dim, batches, k, seconds, seed, progress)

@@ -144,6 +144,11 @@ def test_shard_settings_are_checked():
         Settings(dim=4, shards=2, shard_inflight=0)
 
 
+def test_a_shard_runs_as_many_compute_threads_as_whole_cpus_it_reserves():
+    # As Ray's rule for OMP_NUM_THREADS: a fraction of a CPU still runs one thread.
+    assert [shards.shard_threads(c) for c in (0, 0.25, 1, 1.5, 2, 4)] == [1, 1, 1, 1, 2, 4]
+
+
 def test_data_dir_and_keys_with_shards_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="not shard-aware"):
         Settings(dim=4, shards=2, data_dir=tmp_path)
@@ -190,6 +195,8 @@ def test_three_shards_answer_exactly_like_one_engine_ties_included(tmp_path):
     engine = shards.ShardedEngine(settings)
     try:
         assert engine.n == 597 and engine.targets.zero_rows == 4
+        # Each shard's BLAS and TensorFlow pools hold the one CPU thread its 0.25 CPU allows.
+        assert [s.info["threads"] for s in engine.shards] == [{"blas": 1, "tf_intra_op": 1}] * 3
         rows, scores = engine.search(q, 50)
     finally:
         engine.close()
@@ -225,6 +232,7 @@ async def test_info_lists_shards_and_metrics_count_per_shard(server):
     assert health.status_code == 200 and health.json() == {"status": "ready"}
     assert info["n"] == N and [s["rows"] for s in info["shards"]] == [[0, 1500], [1500, N]]
     assert all(s["status"] == "ready" and s["node"] for s in info["shards"])
+    assert all(s["threads"] == {"blas": 1, "tf_intra_op": 1} for s in info["shards"])
     for shard in ("0", "1"):
         assert samples[f'flasma_shard_call_seconds_count{{shard="{shard}"}}'] >= 1
         assert samples[f'flasma_shard_up{{shard="{shard}"}}'] == 1
