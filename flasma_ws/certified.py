@@ -247,15 +247,21 @@ class Stats:
 class CertifiedSearch:
     """Narrow scoring, certified candidates, float32 rescore; float32 in full on overflow.
 
-    `top_k(narrow_queries, k) -> (columns, values)` is the engine's exact narrow top-k graph
-    (descending, float32 values); `rows32` the (N, d) float32 copy in host memory, shared with
-    TensorFlow as `rows_tensor`.
+    `top_k(narrow_queries, k, *inputs) -> (columns, values)` is the engine's exact narrow
+    top-k graph (descending, float32 values) over `inputs()`, the engine's matrix (and masks)
+    as `input_specs()` describe them; `rows32` the (N, d) float32 copy in host memory, shared
+    with TensorFlow as `rows_tensor`. Matrix, masks and copy enter the traced graph as
+    arguments, never as captures: a capture lives as long as the traced function, and that
+    sits in reference cycles the frozen collector never frees (engine.py), so a retired base
+    would stay in memory.
     """
 
     narrow: Narrow
     rows: RowBound
     rows32: np.ndarray
     top_k: Any
+    inputs: Any  # () -> list of the engine's graph inputs
+    input_specs: Any  # () -> their TensorSpecs
     device: str
     block: int
     biases: list[Any] = field(default_factory=list)  # a masked engine's, per piece: (4)
@@ -274,9 +280,12 @@ class CertifiedSearch:
         self._fn: Any = None
 
     # -- the graph -------------------------------------------------------------------------
-    def _graph(self, q32: Any, qn: Any, e: Any, k: Any, kp: Any) -> tuple[Any, Any, Any, Any]:
+    def _graph(
+        self, q32: Any, qn: Any, e: Any, k: Any, kp: Any, rows32: Any, *inputs: Any
+    ) -> tuple[Any, Any, Any, Any]:
         tf = self._tf
-        columns, values = self.top_k(qn, kp)  # exact narrow top K', descending
+        columns, values = self.top_k(qn, kp, *inputs)  # exact narrow top K', descending
+        biases = inputs[len(inputs) - len(self.biases) :] if self.biases else []
         tau = self._threshold(values[:, k - 1], e)
         keep = values >= tau[:, None]  # a prefix of each row
         count = tf.reduce_sum(tf.cast(keep, tf.int32), axis=1)
@@ -285,10 +294,10 @@ class CertifiedSearch:
         kept = tf.where(keep[:, :width], columns[:, :width], self.n)
         kept = tf.sort(kept, axis=1)  # ascending rows: top_k's ties go to the lower row
         with tf.device("/device:CPU:0"):  # the float32 copy lives in host memory
-            rows = tf.gather(self.rows_tensor, tf.minimum(kept, self.n - 1))  # (B, m, d)
+            rows = tf.gather(rows32, tf.minimum(kept, self.n - 1))  # (B, m, d)
             scores = tf.linalg.matmul(q32[:, None, :], rows, transpose_b=True)[:, 0, :]
-            if self.biases:  # (4): masked rows score -inf in float32 too
-                bias = tf.concat([tf.convert_to_tensor(b) for b in self.biases], axis=0)
+            if biases:  # (4): masked rows score -inf in float32 too
+                bias = tf.concat(list(biases), axis=0)
                 scores += tf.gather(bias, tf.minimum(kept, self.n - 1))
             scores = tf.where(kept < self.n, scores, float("-inf"))
             best, positions = tf.math.top_k(scores, k)
@@ -340,9 +349,16 @@ class CertifiedSearch:
             spec = tf.TensorSpec((None, self.dim), tf.float32)
             narrow = tf.TensorSpec((None, self.dim), tf.as_dtype(self.narrow.name))
             scalar = tf.TensorSpec((), tf.int32)
+            rows32 = tf.TensorSpec(self.rows_tensor.shape, tf.float32)
             with tf.device(self.device):
                 self._fn = self._trace.get_concrete_function(
-                    spec, narrow, tf.TensorSpec((None,), tf.float32), scalar, scalar
+                    spec,
+                    narrow,
+                    tf.TensorSpec((None,), tf.float32),
+                    scalar,
+                    scalar,
+                    rows32,
+                    *self.input_specs(),
                 )
         columns, scores, overflow, count = self._fn(
             tf.constant(q32),
@@ -350,6 +366,8 @@ class CertifiedSearch:
             tf.constant(e),
             tf.constant(k, tf.int32),
             tf.constant(width, tf.int32),
+            self.rows_tensor,
+            *self.inputs(),
         )
         over = np.flatnonzero(overflow.numpy())
         return columns.numpy().astype(np.int64), scores.numpy(), over, count.numpy()
@@ -373,6 +391,15 @@ class CertifiedSearch:
         return BlasSearch(
             [(0, self.rows32.T)], self.n, self.block, n_main, FALLBACK_ROWS, biases=biases
         )
+
+    def release(self) -> None:
+        """Drop the float32 copy, the traced graph and every reference to the engine's
+        matrix now (see the class docstring): a retired base must not wait for the
+        collector. No search runs afterwards."""
+        self._fn = self._trace = None
+        self.top_k = self.inputs = self.input_specs = None
+        self.rows32 = self.rows_tensor = self._fallback = None  # type: ignore[assignment]
+        self.biases = []
 
     def describe(self) -> dict[str, object]:
         return {
@@ -414,6 +441,8 @@ def build(
     device: str,
     block: int,
     top_k: Any,
+    inputs: Any,
+    input_specs: Any,
     biases: list[Any] | None = None,
 ) -> CertifiedSearch:
     """The float32 copy of the rows and the measured row bound, for the engine's narrow
@@ -441,7 +470,9 @@ def build(
         worst_slack(narrow, bound, targets.dim),
         2 * narrow.u,
     )
-    return CertifiedSearch(narrow, bound, rows32, top_k, device, block, biases or [])
+    return CertifiedSearch(
+        narrow, bound, rows32, top_k, inputs, input_specs, device, block, biases or []
+    )
 
 
 def _aligned(shape: tuple[int, int]) -> np.ndarray:

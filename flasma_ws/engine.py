@@ -235,9 +235,11 @@ class Engine:
                 config.dtype,
                 self.device,
                 self.block,
-                # The narrow candidates come from the engine's own two-stage top-k; inside the
-                # certified graph the matrix is captured (freed with it, see `release`).
-                lambda q, k: self._search_graph(q, k, *self._graph_inputs()),
+                # The narrow candidates come from the engine's own two-stage top-k, with the
+                # matrix passed in as arguments as to the engine's own graphs.
+                self._search_graph,
+                self._graph_inputs,
+                self._input_specs,
                 self._bias_tensors,
             )
         self._reserve_working_memory()
@@ -535,6 +537,8 @@ class Engine:
         never be freed. The engine cannot search afterwards."""
         self._functions.clear()
         self._trace = self._matmul_trace = None
+        if self.certified is not None:
+            self.certified.release()
         self.certified = None
         self._slab_tensors, self._tail, self._blas = [], None, None
         self._bias, self._bias_tensors = [], []

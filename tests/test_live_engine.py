@@ -142,3 +142,35 @@ def test_string_keys(key_type: str):
     engine.apply(1, ["new"], unit_queries(rows[[3]]), ["doc-3"])
     found, _ = engine.search(rows[[3]], 2)
     assert found[0, 0] == "new" and "doc-3" not in found[0].tolist()
+
+
+def test_a_retired_narrow_base_is_freed_though_start_up_objects_are_frozen():
+    """The server freezes start-up objects out of the collector's sight (service.py): a
+    bfloat16 base's certified search, in a reference cycle through its traced graph, must
+    still let go of its float32 copy and of the narrow matrix when a compaction retires it."""
+    import dataclasses
+    import gc
+    import weakref
+
+    from flasma_ws.vectors import Targets, source_from_array
+
+    config = dataclasses.replace(CONFIG, dtype="bfloat16")
+    rows = np.random.default_rng(3).standard_normal((BASE_N, DIM)).astype(np.float32)
+    base = Engine(Targets(source_from_array(rows, "test")), config, masked=True)
+    live = LiveEngine(base, np.arange(BASE_N), "int", config)
+    queries = unit_queries(np.random.default_rng(4).standard_normal((3, DIM)).astype(np.float32))
+    live.search(queries, 5)  # traces the certified graph
+    assert base.certified is not None
+    copy, matrix = weakref.ref(base.certified.rows32), weakref.ref(base._slab_tensors[0])
+    gc.freeze()
+    try:
+        live.apply(1, [BASE_N], unit_queries(rows[:1] + 1), [0])
+        plan = live.plan_compaction()
+        live.swap(plan, live.build_base(plan))
+        live.search(queries, 5)
+        gc.collect()
+        assert live.base is not base
+        assert copy() is None, "the retired base's float32 copy is still alive"
+        assert matrix() is None, "the retired base's narrow matrix is still alive"
+    finally:
+        gc.unfreeze()
