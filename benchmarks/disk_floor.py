@@ -3,8 +3,9 @@
 Open-loop arrivals at `rate` per second of `record_bytes` each; one committer thread writes
 everything pending in one `write` and one `fdatasync`, exactly the GroupCommitter's pattern
 but with no server, no encoding and no engine. A write's latency is arrival to the end of
-the fdatasync that covered it. Run beside (not during) a server measurement, on the same file
-system, so that the server's figure can be read against it.
+the fdatasync that covered it. Run it on the server's file system just before and after a
+server measurement, and (on a file of its own) during it, so that the server's figure can be
+read against what the disk did; run beside the server, each slows the other somewhat.
 
     python benchmarks/disk_floor.py --dir /var/tmp --rate 1000 --seconds 15
 """

@@ -153,8 +153,8 @@ def a_b(sizes: Sizes, workdir: Path) -> list[Check]:
             read_qps.append(ro["throughput_qps"])
             write_qps.append(rw["throughput_qps"])
             reports += [ro, rw]
-        # The disk's own group-commit floor just before and after, on the same file system.
-        # during it too, on another file (what the disk did in the same seconds).
+        # The disk's own group-commit floor on the same file system: just before and after,
+        # and during the run on a file of its own (what the disk did in those seconds).
         floors = [group_commit_floor(workdir, 1000, sizes.write_s)]
         beside: list[dict[str, float]] = []
         probe = threading.Thread(

@@ -285,7 +285,7 @@ class CertifiedSearch:
     ) -> tuple[Any, Any, Any, Any]:
         tf = self._tf
         columns, values = self.top_k(qn, kp, *inputs)  # exact narrow top K', descending
-        biases = inputs[len(inputs) - len(self.biases) :] if self.biases else []
+        biases = inputs[len(inputs) - len(self.biases) :]  # Engine._graph_inputs puts them last
         tau = self._threshold(values[:, k - 1], e)
         keep = values >= tau[:, None]  # a prefix of each row
         count = tf.reduce_sum(tf.cast(keep, tf.int32), axis=1)

@@ -164,12 +164,13 @@ def _shared_tensor(array: np.ndarray) -> tf.Tensor:
 
 
 def block_candidates(
-    scores: tf.Tensor, k: tf.Tensor, block: int, first: int, batch: tf.Tensor, reduce: bool
+    scores: tf.Tensor, k: tf.Tensor, block: int, first: int, reduce: bool
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Stage 1 and the gather of stage 2 (module docstring) over (B, W) float32 scores, W a
     multiple of `block`: the columns (numbered from `first`) of the k best blocks, in
     ascending order, and their scores; with `reduce`, already cut to the exact top k, best
     first, the lower column first among equal scores."""
+    batch = tf.shape(scores)[0]
     width = scores.shape[1]  # static for a slab, unknown for the growing appendable
     n_blocks = width // block if width is not None else tf.shape(scores)[1] // block
     blocks = tf.reshape(scores, (batch, n_blocks, block))
@@ -381,7 +382,10 @@ class Engine:
         scores, columns = [], []
         alone = len(self.slabs) == 1
         for (lo, _), slab, bias in zip(self.slabs, slabs, biases):
-            values, cols = self._slab_candidates(q, slab, bias, lo, k, batch, reduce=not alone)
+            # With several slabs each is cut to its own exact top k at once, so that only
+            # (B, k) per slab outlives the slab's score matrix.
+            slab_scores = self._scores(q, slab, bias)
+            values, cols = block_candidates(slab_scores, k, self.block, lo, reduce=not alone)
             scores.append(values)
             columns.append(cols)
         if self.n > self.n_main:
@@ -398,22 +402,6 @@ class Engine:
         """float32 scores against one slab, plus its deletion bias (a masked engine)."""
         s = tf.cast(tf.matmul(q, slab), tf.float32)
         return s if bias is None else tf.nn.bias_add(s, bias)
-
-    def _slab_candidates(
-        self,
-        q: tf.Tensor,
-        slab: tf.Tensor,
-        bias: tf.Tensor | None,
-        first: int,
-        k: tf.Tensor,
-        batch: tf.Tensor,
-        reduce: bool,
-    ) -> tuple[tf.Tensor, tf.Tensor]:
-        """Stage 1 and the gather of stage 2 for one slab of columns: the columns of its k
-        best blocks (sorted), or with `reduce` already cut to the slab's own exact top k, so
-        that only (B, k) per slab outlives the slab's score matrix."""
-        scores = self._scores(q, slab, bias)
-        return block_candidates(scores, k, self.block, first, batch, reduce)
 
     def _concrete(self, trace: Any, *more: tf.TensorSpec) -> Callable[..., Any]:
         """The traced function, traced once for every batch size and kept.

@@ -145,7 +145,7 @@ def _segment_top_k(
     batch 128, d = 100: 4.4 ms against 3.3 ms on an AMD EPYC Zen 4)."""
     scores = tf.matmul(tf.cast(queries, rows.dtype), rows, transpose_b=True)
     scores = tf.nn.bias_add(tf.cast(scores, tf.float32), bias)
-    values, slots = block_candidates(scores, k, SEGMENT_BLOCK, 0, tf.shape(scores)[0], True)
+    values, slots = block_candidates(scores, k, SEGMENT_BLOCK, 0, reduce=True)
     return slots, values
 
 
