@@ -44,7 +44,7 @@ from .blas_search import BlasSearch
 from .engine import Engine, EngineConfig, unit_queries
 from .errors import ConfigError
 from .reference import chunked_top_k
-from .settings import DTYPES
+from .settings import DTYPES, TF32_NEEDS_FLOAT32
 from .timing import ROUNDS, time_calls
 from .vectors import load_matrix, open_targets, prepare, source_from_array
 
@@ -81,6 +81,7 @@ class BenchConfig:
     seed: int = 0
     approximate: bool = False
     data: str = "gaussian"
+    tf32: bool = False
 
     def __post_init__(self) -> None:
         if not self.batches or min(self.batches) < 1:
@@ -93,6 +94,8 @@ class BenchConfig:
             raise ConfigError(f"--k must be between 1 and --n ({self.n}), got {self.k}.")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
+        if self.tf32 and self.dtype != "float32":
+            raise ConfigError(TF32_NEEDS_FLOAT32)
         if not self.seconds > 0:
             raise ConfigError(f"--seconds must be positive, got {self.seconds}.")
         if self.data not in DATA:
@@ -227,6 +230,7 @@ class _Subject:
             device=config.device,
             dtype=config.dtype,
             approximate=config.approximate,
+            tf32=config.tf32,
         )
         self.engine = Engine(self.targets, engine_config)
         self.engine.warmup()
@@ -235,8 +239,9 @@ class _Subject:
         self.blas: BlasSearch | None = None
         self.scann: dict[int, float] = {}
         self.float32: Engine | None = None
-        if config.compare and config.dtype != "float32":
-            self.float32 = Engine(self.targets, dataclasses.replace(engine_config, dtype="float32"))
+        if config.compare and (config.dtype != "float32" or config.tf32):
+            exact = dataclasses.replace(engine_config, dtype="float32", tf32=False)
+            self.float32 = Engine(self.targets, exact)
             self.float32.warmup()
         if config.compare:
             self.blas = blas_ceiling(self.float32 or self.engine, max(config.batches))
@@ -407,6 +412,7 @@ def report(config: BenchConfig, results: list[Result]) -> dict[str, Any]:
         "device": first.device if first else config.device,
         "dtype": config.dtype,
         "approximate": config.approximate,
+        "tf32": config.tf32,
         "data": config.data,
         "n": config.n,
         "k": config.k,

@@ -1,4 +1,4 @@
-"""Certified narrow precision: exact top-k at bfloat16 / float16 speed.
+"""Certified narrow precision: exact top-k at bfloat16 / float16 / TF32 speed.
 
 The engine scores every row in the narrow type, keeps each query's *certified candidates*,
 rescores those in float32 against a float32 copy of the rows, and returns the float32 top k
@@ -11,10 +11,11 @@ Notation
 q, x: a query and a row as float32 unit vectors (the host's `unit_queries`, and the row of
 the float32 copy, `Targets.chunks`), dimension d. s = q.x in exact real arithmetic.
 q^, x^: the narrow vectors the matmul reads (q^ rounded on the host with ml_dtypes, x^ read
-back from the engine's own narrow matrix), u the narrow type's unit roundoff (bfloat16
-2^-8, float16 2^-11). s^: the narrow score the graph sees (the matmul's narrow output,
-widened to float32 exactly). s': a float32 score of q.x computed in any order, as the
-rescore (or any float32 search) computes it; gamma = d 2^-24 / (1 - d 2^-24).
+back from the engine's own narrow matrix; for TF32, rounded inside the tensor cores, see
+(5)), u the narrow type's unit roundoff (bfloat16 2^-8, float16 2^-11, TF32 2^-11).
+s^: the narrow score the graph sees (the matmul's narrow output, widened to float32
+exactly). s': a float32 score of q.x computed in any order, as the
+rescore (or any float32 search) computes it; gamma = d 2^-23 / (1 - d 2^-23).
 
 What TensorFlow's kernels do (checked against the source and by measurement)
 -----------------------------------------------------------------------------
@@ -44,7 +45,9 @@ Proof: q^.x^ - q.x = q^.(x^ - x) + (q^ - q).x exactly, so by Cauchy-Schwarz the 
 the narrow vectors is within |q^| R + |q^ - q| X of s. Products of two bfloat16 (8+8 bits)
 or float16 (11+11 bits) values are exact in float32, and summing d of them in float32 in any
 order errs by at most gamma sum|q^_i x^_i| <= gamma |q^| X^ (the standard bound, FMA or
-not); flushed denormals add at most 2d 2^-126 <= d 2^-120. The output step adds
+not; gamma is taken with 2^-23 per addition, not 2^-24, because NVIDIA's tensor cores align
+and add with truncation, Fasi et al. 2021, which at most doubles it); flushed denormals
+add at most 2d 2^-126 <= d 2^-120. The output step adds
 2u|s^| + alpha (above), and a float32 evaluation s' of q.x is within gamma |q| X of s.
 This assumes nothing about TensorFlow's casts: R and |q^ - q| are measured from the
 very values the matmul reads. E is computed in float64 and rounded up to float32.
@@ -76,6 +79,17 @@ rescore, so `top_k`'s lower-position-first rule is the lower-row-first rule.
 s' to -inf too; every statement above then ranges over live rows (a masked row is never
 kept while at least k rows are live, and never returned).
 
+(5) TF32 (`--tf32`, float32 storage, NVIDIA Ampere or newer). The matmul reads float32
+rows and queries and the tensor cores round each component to TF32 (10 stored mantissa
+bits) themselves: q^ and x^ are never visible, so R and |q^ - q| are bounded a priori
+instead of measured: truncation (the weaker of truncation and round to nearest) errs by
+less than 2^-10 relative per component, so |x^ - x| <= 2^-10 |x|, and a flushed subnormal
+by 2^-126, so R <= 2^-10 X + sqrt(d) 2^-126, X^ <= (1 + 2^-10) X + sqrt(d) 2^-126, and the
+same for q. Products of two 11-bit values are exact in float32, accumulation is float32
+(checked by the probe) and the output *is* the float32 accumulator: the output term
+2u|s^| + alpha of (1) is 0. (1)-(4) then hold unchanged. On a CPU TensorFlow has no TF32
+(float32 matmuls stay float32), so the same bound holds with room to spare.
+
 Measured (AMD EPYC Zen 5, N = 100k, k = 10; docs/benchmarks.md): bfloat16, d = 768 gives
 E ~ 5.9e-3 (1.5u; rows within 1.9e-3 of their float32 values) and ~27 candidates per query on
 Gaussian rows, ~100 on clustered near-duplicates; no query reached the cap 8k + 64.
@@ -84,6 +98,7 @@ Gaussian rows, ~100 on clustered near-duplicates; no query reached the cap 8k + 
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 import os
 from dataclasses import dataclass, field
@@ -108,13 +123,32 @@ class Narrow:
     name: str
     u: float  # unit roundoff
     alpha: float  # absolute output error in the subnormal range (weakest kernel)
-    host: Any  # numpy dtype of the same format (ml_dtypes)
+    host: Any  # numpy dtype the host rounds queries to (ml_dtypes); float32 for TF32
+    output_u: float  # unit roundoff of the output step: 0 where the output is float32
+    # Relative error bound of the rounding the matmul does itself (TF32: (5)), or 0 where
+    # the host and the stored matrix hold the narrow values and they are measured.
+    inside: float = 0.0
+
+    @property
+    def handed(self) -> str:
+        """The dtype of the values the matmul is handed (TF32 is handed float32)."""
+        return "float32" if self.inside else self.name
 
 
 NARROW = {
-    "bfloat16": Narrow("bfloat16", 2.0**-8, 2.0**-126, ml_dtypes.bfloat16),
-    "float16": Narrow("float16", 2.0**-11, 2.0**-24, np.float16),
+    "bfloat16": Narrow("bfloat16", 2.0**-8, 2.0**-126, ml_dtypes.bfloat16, 2.0**-8),
+    "float16": Narrow("float16", 2.0**-11, 2.0**-24, np.float16, 2.0**-11),
 }
+# TensorFloat-32 on NVIDIA tensor cores: float32 storage, inputs rounded inside, (5).
+TF32 = Narrow("tfloat32", 2.0**-11, 0.0, np.float32, 0.0, inside=2.0**-10)
+TINY = 2.0**-126  # a flushed subnormal input component
+
+
+def scheme(dtype: str, tf32: bool) -> Narrow | None:
+    """The narrow arithmetic a search with this storage dtype runs in, or None (float32)."""
+    if dtype in NARROW:
+        return NARROW[dtype]
+    return TF32 if tf32 else None
 
 
 def candidate_cap(k: int) -> int:
@@ -128,8 +162,9 @@ def first_width(k: int) -> int:
 
 
 def gamma(d: int) -> float:
-    """The float32 dot-product error factor for d terms, any summation order."""
-    return d * 2.0**-24 / (1 - d * 2.0**-24)
+    """The float32 dot-product error factor for d terms, any summation order, additions
+    rounded to nearest or truncated (tensor cores): (1)."""
+    return d * 2.0**-23 / (1 - d * 2.0**-23)
 
 
 @dataclass(frozen=True)
@@ -151,6 +186,13 @@ class RowBound:
             narrow_norm=_max_norm(wide),
         )
 
+    @classmethod
+    def a_priori(cls, exact: np.ndarray, inside: float) -> RowBound:
+        """(5): rows the matmul rounds itself, relative error below `inside` per component."""
+        norm = _max_norm(exact.astype(np.float64))
+        tiny = np.sqrt(exact.shape[1]) * TINY
+        return cls(residual=inside * norm + tiny, norm=norm, narrow_norm=(1 + inside) * norm + tiny)
+
     def merge(self, other: RowBound) -> RowBound:
         return RowBound(
             max(self.residual, other.residual),
@@ -168,8 +210,12 @@ def slack(narrow: Narrow, rows: RowBound, q: np.ndarray, qn: np.ndarray) -> np.n
     d = q.shape[1]
     q64, qn64 = q.astype(np.float64), qn.astype(np.float64)
     norm_q = np.linalg.norm(q64, axis=1) * SAFETY
-    norm_qn = np.linalg.norm(qn64, axis=1) * SAFETY
-    norm_dq = np.linalg.norm(qn64 - q64, axis=1) * SAFETY
+    if narrow.inside:  # (5): q^ is made inside the matmul, bounded a priori
+        norm_dq = narrow.inside * norm_q + np.sqrt(d) * TINY
+        norm_qn = norm_q + norm_dq
+    else:
+        norm_qn = np.linalg.norm(qn64, axis=1) * SAFETY
+        norm_dq = np.linalg.norm(qn64 - q64, axis=1) * SAFETY
     g = gamma(d)
     e = (
         norm_qn * rows.residual
@@ -183,8 +229,12 @@ def slack(narrow: Narrow, rows: RowBound, q: np.ndarray, qn: np.ndarray) -> np.n
 
 
 def worst_slack(narrow: Narrow, rows: RowBound, d: int) -> float:
-    """E of (1) for the worst unit query (|q^ - q| <= u|q| + sqrt(d) alpha, round to nearest)."""
-    dq = narrow.u + np.sqrt(d) * narrow.alpha
+    """E of (1) for the worst unit query (|q^ - q| <= u|q| + sqrt(d) alpha, round to nearest;
+    TF32: (5))."""
+    if narrow.inside:
+        dq = narrow.inside + np.sqrt(d) * TINY
+    else:
+        dq = narrow.u + np.sqrt(d) * narrow.alpha
     g = gamma(d)
     return float(
         (1 + dq) * rows.residual
@@ -206,9 +256,19 @@ def check_device_setting(narrow: Narrow, device: str) -> None:
         )
 
 
-def speed_note(dtype: str, device: str, cpu_flags: list[str], onednn: bool) -> str | None:
+def speed_note(
+    dtype: str, device: str, cpu_flags: list[str], onednn: bool, tf32: bool = False
+) -> str | None:
     """Why float32 is faster than this narrow dtype on this CPU, or None where it is not."""
-    if "CPU" not in device or dtype not in NARROW:
+    if "CPU" not in device:
+        return None
+    if tf32 and dtype == "float32":
+        return (
+            "--tf32 gains nothing on a CPU: TensorFloat-32 exists only on NVIDIA GPUs "
+            "(Ampere and newer), and CPU float32 matmuls are full float32 already, so here "
+            "it only adds the certified rescore; plain float32 is faster."
+        )
+    if dtype not in NARROW:
         return None
     if dtype == "float16":
         return (
@@ -306,8 +366,10 @@ class CertifiedSearch:
     def _threshold(self, kth: Any, e: Any) -> Any:
         """tau of (2): the least narrow score whose hi() reaches lo(L), less the margin."""
         tf = self._tf
-        two_u = 2 * self.narrow.u
-        low = kth - e - two_u * tf.abs(kth) - e
+        two_u = 2 * self.narrow.output_u
+        low = kth - e - e
+        if two_u:  # (5): none for TF32, and 0 * |-inf| (a masked k-th) would be NaN
+            low -= two_u * tf.abs(kth)
         tau = tf.where(low >= 0, low / (1 + two_u), low / (1 - two_u))
         return tau - TAU_MARGIN
 
@@ -347,7 +409,7 @@ class CertifiedSearch:
         e = slack(self.narrow, self.rows, q32, qn)
         if self._fn is None:
             spec = tf.TensorSpec((None, self.dim), tf.float32)
-            narrow = tf.TensorSpec((None, self.dim), tf.as_dtype(self.narrow.name))
+            narrow = tf.TensorSpec((None, self.dim), tf.as_dtype(self.narrow.handed))
             scalar = tf.TensorSpec((), tf.int32)
             rows32 = tf.TensorSpec(self.rows_tensor.shape, tf.float32)
             with tf.device(self.device):
@@ -406,7 +468,8 @@ class CertifiedSearch:
             "mode": "certified",
             "unit_roundoff": self.narrow.u,
             "epsilon": worst_slack(self.narrow, self.rows, self.dim),
-            "epsilon_per_score": 2 * self.narrow.u,
+            "arithmetic": self.narrow.name,
+            "epsilon_per_score": 2 * self.narrow.output_u,
             "bound": "|narrow - float32 score| <= epsilon + epsilon_per_score * |narrow score|",
             "row_residual": self.rows.residual,
             "candidate_cap": "8k + 64",
@@ -414,21 +477,24 @@ class CertifiedSearch:
         }
 
 
-def probe_accumulator(tf: Any, dtype: Any, device: str, dim: int) -> None:
+def probe_accumulator(tf: Any, narrow: Narrow, device: str, dim: int) -> None:
     """Refuse certification where the narrow matmul does not accumulate in float32.
 
-    q = x = (1/sqrt(m), ...) with m = max(dim, 256): the exact dot is ~1 and every product
-    ~1/m; a narrow accumulator stalls once 1/m is below half its spacing (bfloat16 near
-    0.5, float16 near 2) and misses by far more than the bound."""
+    q = x = (1/sqrt(m), ...): the exact dot is ~1 and every product ~1/m; a narrow
+    accumulator stalls once 1/m is below half its spacing (bfloat16 near 0.5, float16 near
+    2) and misses by far more than the bound. For TF32, m = 4^j >= 4096 makes 1/sqrt(m) a
+    power of two (no input rounding) and 1/m small enough to stall an 11-bit accumulator."""
     m = max(dim, 256)
+    if narrow.inside:
+        m = 4 ** max(6, math.ceil(math.log(dim, 4)))
+    dtype = tf.as_dtype(narrow.handed)
     with tf.device(device):
         q = tf.cast(tf.fill((1, m), 1 / np.sqrt(m)), dtype)
         got = float(tf.cast(tf.matmul(q, q, transpose_b=True), tf.float32)[0, 0])
     exact = m * float(tf.cast(q, tf.float64)[0, 0]) ** 2
-    narrow = NARROW[dtype.name]
-    if abs(got - exact) > 2 * narrow.u * abs(got) + gamma(m) + narrow.alpha:
+    if abs(got - exact) > 2 * narrow.output_u * abs(got) + gamma(m) + narrow.alpha:
         raise ConfigError(
-            f"TensorFlow's {dtype.name} matmul on {device} does not accumulate in float32 "
+            f"TensorFlow's {narrow.name} matmul on {device} does not accumulate in float32 "
             f"(probe: {got} against {exact:.6f}), so its answers cannot be certified; add "
             "--approximate or use --dtype float32."
         )
@@ -437,7 +503,7 @@ def probe_accumulator(tf: Any, dtype: Any, device: str, dim: int) -> None:
 def build(
     targets: ColumnSource,
     columns: list[tuple[int, Any]],
-    dtype: str,
+    narrow: Narrow,
     device: str,
     block: int,
     top_k: Any,
@@ -445,34 +511,45 @@ def build(
     input_specs: Any,
     biases: list[Any] | None = None,
 ) -> CertifiedSearch:
-    """The float32 copy of the rows and the measured row bound, for the engine's narrow
-    matrix given as (first column, (dim, width) tensor) pieces."""
+    """The float32 copy of the rows and the row bound: measured from the engine's narrow
+    matrix, given as (first column, (dim, width) tensor) pieces, or a priori for TF32 (5)."""
     import tensorflow as tf
 
-    narrow = NARROW[dtype]
     check_device_setting(narrow, device)
-    probe_accumulator(tf, tf.as_dtype(dtype), device, targets.dim)
+    probe_accumulator(tf, narrow, device, targets.dim)
     rows32 = _aligned((targets.n, targets.dim))
     for start, chunk in targets.chunks():
         rows32[start : start + chunk.shape[0]] = chunk
+    # (5): TF32 rows are stored in float32 and rounded by the tensor cores themselves.
+    if narrow.inside:
+        bound = RowBound.a_priori(rows32, narrow.inside)
+    else:
+        bound = _measured_bound(columns, rows32, targets.dim)
+    log.info(
+        "Certified %s: rows within %.3g of their float32 values (max norm); worst-query "
+        "epsilon %.3g + %g|score|.",
+        narrow.name,
+        bound.residual,
+        worst_slack(narrow, bound, targets.dim),
+        2 * narrow.output_u,
+    )
+    return CertifiedSearch(
+        narrow, bound, rows32, top_k, inputs, input_specs, device, block, biases or []
+    )
+
+
+def _measured_bound(columns: list[tuple[int, Any]], rows32: np.ndarray, dim: int) -> RowBound:
+    """R, X and X^ of (1) from the narrow values the matmul reads, piece by piece."""
+    import tensorflow as tf
+
     bound = RowBound(0.0, 0.0, 0.0)
-    step = chunk_rows_for(targets.dim)
+    step = chunk_rows_for(dim)
     for first, tensor in columns:
         for lo in range(0, int(tensor.shape[1]), step):
             stored = tf.transpose(tensor[:, lo : lo + step]).numpy()  # what the matmul reads
             exact = rows32[first + lo : first + lo + stored.shape[0]]
             bound = bound.merge(RowBound.measure(exact, stored))
-    log.info(
-        "Certified %s: rows within %.3g of their float32 values (max norm); worst-query "
-        "epsilon %.3g + %g|score|.",
-        dtype,
-        bound.residual,
-        worst_slack(narrow, bound, targets.dim),
-        2 * narrow.u,
-    )
-    return CertifiedSearch(
-        narrow, bound, rows32, top_k, inputs, input_specs, device, block, biases or []
-    )
+    return bound
 
 
 def _aligned(shape: tuple[int, int]) -> np.ndarray:

@@ -48,7 +48,7 @@ from .blas_search import MAX_ROWS as BLAS_MAX_ROWS
 from .blas_search import BlasSearch
 from .errors import ConfigError, EngineError, EngineOutOfMemory
 from .machine import cpu_flags
-from .settings import EngineSettings
+from .settings import TF32_NEEDS_FLOAT32, EngineSettings
 from .vectors import ColumnSource, chunk_rows_for
 
 log = logging.getLogger(__name__)
@@ -148,11 +148,14 @@ def unit_queries(queries: np.ndarray) -> np.ndarray:
     return q.astype(np.float32)
 
 
-def _exact_float32_matmuls() -> bool:
-    """Turn TensorFloat-32 off: on NVIDIA Ampere and newer GPUs TensorFlow otherwise runs
+def _float32_matmuls(tf32: bool) -> bool:
+    """TensorFloat-32 off, unless `--tf32` asked for it (and certification then makes it
+    exact: certified.py (5)): on NVIDIA Ampere and newer GPUs TensorFlow otherwise runs
     float32 matmuls with 10-bit mantissas (relative error ~5e-4), which breaks exact top-k.
-    Process-wide; returns whether TF32 is still on (False)."""
-    tf.config.experimental.enable_tensor_float_32_execution(False)
+    The switch is process-wide and read when a kernel runs, so each engine sets it before
+    each of its searches (two engines in one process, as in the bench, may differ).
+    Returns whether TF32 is on."""
+    tf.config.experimental.enable_tensor_float_32_execution(tf32)
     return bool(tf.config.experimental.tensor_float_32_execution_enabled())
 
 
@@ -203,6 +206,8 @@ class Engine:
         before the top-k, for a live collection (`mask_columns`); off, the graph is today's."""
         if config.max_k < 1 or config.max_batch < 1:
             raise ConfigError("max_k and max_batch must be at least 1.")
+        if config.tf32 and config.dtype != "float32":
+            raise ConfigError(TF32_NEEDS_FLOAT32)
         self.targets = targets
         self.config = config
         self.n, self.dim = targets.n, targets.dim
@@ -210,13 +215,14 @@ class Engine:
         self.device = resolve_device(config.device)
         self.dtype = TF_DTYPES[config.dtype]
         self.onednn = tf_runtime.onednn_state()
-        self.tf32 = _exact_float32_matmuls()
+        self.tf32 = _float32_matmuls(config.tf32)
         self._blas: BlasSearch | None = None  # set by _load_shared_host
         self.masked = masked
         self._bias: list[Any] = []  # per slab, then the tail: host arrays or variables
         self._bias_tensors: list[Any] = []
         # Certified narrow scoring selects a top K' (about first_width(k)), not a top k.
-        self.certify = config.dtype in certification.NARROW and not config.approximate
+        self.narrow = certification.scheme(config.dtype, config.tf32)
+        self.certify = self.narrow is not None and not config.approximate
         selected = certification.first_width(config.top_k) if self.certify else config.top_k
         self.block = config.block_size or choose_block_size(self.n, selected)
         self.n_blocks = self.n // self.block
@@ -224,16 +230,18 @@ class Engine:
         budget = config.score_memory_mib and config.score_memory_mib * 1024 * 1024
         self.slabs = column_slabs(self.n_main, self.block, config.max_batch, budget)
         self.warmup_batches = warmup_batches(config.max_batch)
-        note = certification.speed_note(config.dtype, self.device, cpu_flags(), self.onednn.enabled)
+        note = certification.speed_note(
+            config.dtype, self.device, cpu_flags(), self.onednn.enabled, config.tf32
+        )
         if note is not None:
             log.warning(note[0].upper() + note[1:])
         self._load(progress)
         self.certified: certification.CertifiedSearch | None = None
-        if self.certify:  # the hook: narrow scores certified and rescored in float32
+        if self.narrow is not None and self.certify:  # narrow scores certified, rescored
             self.certified = certification.build(
                 targets,
                 self._narrow_columns(),
-                config.dtype,
+                self.narrow,
                 self.device,
                 self.block,
                 # The narrow candidates come from the engine's own two-stage top-k, with the
@@ -461,6 +469,7 @@ class Engine:
         batch = queries.shape[0]
         if self._blas is not None and 0 < batch <= BLAS_MAX_ROWS:
             return self._blas.search(queries, k)
+        _float32_matmuls(self.config.tf32)
         try:
             if self.certified is not None:
                 return self.certified.search(queries, k)
@@ -483,6 +492,7 @@ class Engine:
         `queries` is one piece, at most max_batch rows.
         """
         matmul = self._concrete(self._matmul_trace)
+        _float32_matmuls(self.config.tf32)
         best = matmul(tf.constant(unit_queries(queries)), *self._graph_inputs())
         return best.numpy()
 
@@ -554,9 +564,6 @@ class Engine:
         """Which answers the dtype gives: exact float32, certified narrow, or approximate."""
         if self.certified is not None:
             return self.certified.describe()
-        if self.config.dtype in certification.NARROW:
-            return {
-                "mode": "approximate",
-                "unit_roundoff": certification.NARROW[self.config.dtype].u,
-            }
+        if self.narrow is not None:
+            return {"mode": "approximate", "unit_roundoff": self.narrow.u}
         return {"mode": "float32"}

@@ -16,6 +16,10 @@ from typing import Any
 from .errors import ConfigError
 
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+TF32_NEEDS_FLOAT32 = (
+    "--tf32 applies to --dtype float32 only (TensorFloat-32 is how GPUs run float32 "
+    "matmuls); drop --tf32, or use --dtype float32."
+)
 KEY_TYPES: tuple[str, ...] = ("int", "str")
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
 MAX_PORT = 65_535
@@ -117,6 +121,12 @@ class EngineSettings:
         False,
         "With --dtype bfloat16 or float16: return the narrow scores as they are, without the "
         "certified float32 rescore (faster, recall below 1, no float32 copy in memory).",
+    )
+    tf32: bool = setting(
+        False,
+        "On an NVIDIA GPU (Ampere or newer), run float32 matmuls on TensorFloat-32 tensor "
+        "cores: answers stay exact (certified candidates rescored in float32) unless "
+        "--approximate. Gains nothing on a CPU.",
     )
     max_batch: int = setting(128, "Most query rows per engine batch.")
     top_k: int = setting(10, "Results per query when the request gives no k.")
@@ -325,6 +335,15 @@ class Settings:
             raise ConfigError(f"--top-k ({self.top_k}) must not exceed --max-k ({self.max_k}).")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
+        if self.tf32 and self.dtype != "float32":
+            raise ConfigError(TF32_NEEDS_FLOAT32)
+        if self.tf32 and self.data_dir is not None:
+            # TF32 is process-wide; the appendable segment's float32 scores are not certified.
+            raise ConfigError(
+                "--tf32 cannot be combined with --data-dir yet: a live collection's newly "
+                "written rows are scored in plain float32 and TF32 would make them inexact. "
+                "Drop --tf32 (or serve a fixed --npy file with it)."
+            )
         if self.score_memory_mib is not None and self.score_memory_mib < 1:
             raise ConfigError(
                 f"--score-memory-mib must be at least 1, got {self.score_memory_mib}."

@@ -63,6 +63,13 @@ def bench(
             "--approximate), instead of the certified exact answers."
         ),
     ] = False,
+    tf32: Annotated[
+        bool,
+        typer.Option(
+            help="With --dtype float32 on an NVIDIA GPU: TensorFloat-32 matmuls, certified "
+            "exact (as serve --tf32); --compare adds the float32 engine without TF32."
+        ),
+    ] = False,
     data: Annotated[
         str,
         typer.Option(
@@ -106,6 +113,7 @@ def bench(
             seed=seed,
             approximate=approximate,
             data=data,
+            tf32=tf32,
         )
         check_writable(json_out, "--json-out")  # before the run: writing it is the last step
         faiss = lib.load_faiss() if compare else None
@@ -149,7 +157,7 @@ def _print(config: BenchConfig, results: list[Result], markdown: bool) -> None:
     if not results:
         return
     first = results[0]
-    mode = " approximate" if config.approximate else ""
+    mode = (" tf32" if config.tf32 else "") + (" approximate" if config.approximate else "")
     head = f"N={config.n:,}, k={config.k}, {first.dtype}{mode} on {first.device}, {config.data}"
     typer.echo(lib.machine_line())
     tables: list[tuple[str, Callable[[Result], str]]] = [
