@@ -134,6 +134,11 @@ class Narrow:
         """The dtype of the values the matmul is handed (TF32 is handed float32)."""
         return "float32" if self.inside else self.name
 
+    def rounded_inside(self, norm: Any, d: int) -> Any:
+        """(5): a bound on |v^ - v| for a d-vector of norm `norm` that the matmul rounds
+        itself (relative `inside` per component, plus flushed subnormals)."""
+        return self.inside * norm + np.sqrt(d) * TINY
+
 
 NARROW = {
     "bfloat16": Narrow("bfloat16", 2.0**-8, 2.0**-126, ml_dtypes.bfloat16, 2.0**-8),
@@ -187,11 +192,11 @@ class RowBound:
         )
 
     @classmethod
-    def a_priori(cls, exact: np.ndarray, inside: float) -> RowBound:
-        """(5): rows the matmul rounds itself, relative error below `inside` per component."""
+    def a_priori(cls, exact: np.ndarray, narrow: Narrow) -> RowBound:
+        """(5): rows the matmul rounds itself, so R and X^ follow from X."""
         norm = _max_norm(exact.astype(np.float64))
-        tiny = np.sqrt(exact.shape[1]) * TINY
-        return cls(residual=inside * norm + tiny, norm=norm, narrow_norm=(1 + inside) * norm + tiny)
+        residual = float(narrow.rounded_inside(norm, exact.shape[1]))
+        return cls(residual=residual, norm=norm, narrow_norm=norm + residual)
 
     def merge(self, other: RowBound) -> RowBound:
         return RowBound(
@@ -211,7 +216,7 @@ def slack(narrow: Narrow, rows: RowBound, q: np.ndarray, qn: np.ndarray) -> np.n
     q64, qn64 = q.astype(np.float64), qn.astype(np.float64)
     norm_q = np.linalg.norm(q64, axis=1) * SAFETY
     if narrow.inside:  # (5): q^ is made inside the matmul, bounded a priori
-        norm_dq = narrow.inside * norm_q + np.sqrt(d) * TINY
+        norm_dq = narrow.rounded_inside(norm_q, d)
         norm_qn = norm_q + norm_dq
     else:
         norm_qn = np.linalg.norm(qn64, axis=1) * SAFETY
@@ -231,10 +236,7 @@ def slack(narrow: Narrow, rows: RowBound, q: np.ndarray, qn: np.ndarray) -> np.n
 def worst_slack(narrow: Narrow, rows: RowBound, d: int) -> float:
     """E of (1) for the worst unit query (|q^ - q| <= u|q| + sqrt(d) alpha, round to nearest;
     TF32: (5))."""
-    if narrow.inside:
-        dq = narrow.inside + np.sqrt(d) * TINY
-    else:
-        dq = narrow.u + np.sqrt(d) * narrow.alpha
+    dq = narrow.rounded_inside(1.0, d) if narrow.inside else narrow.u + np.sqrt(d) * narrow.alpha
     g = gamma(d)
     return float(
         (1 + dq) * rows.residual
@@ -484,9 +486,7 @@ def probe_accumulator(tf: Any, narrow: Narrow, device: str, dim: int) -> None:
     accumulator stalls once 1/m is below half its spacing (bfloat16 near 0.5, float16 near
     2) and misses by far more than the bound. For TF32, m = 4^j >= 4096 makes 1/sqrt(m) a
     power of two (no input rounding) and 1/m small enough to stall an 11-bit accumulator."""
-    m = max(dim, 256)
-    if narrow.inside:
-        m = 4 ** max(6, math.ceil(math.log(dim, 4)))
+    m = 4 ** max(6, math.ceil(math.log(dim, 4))) if narrow.inside else max(dim, 256)
     dtype = tf.as_dtype(narrow.handed)
     with tf.device(device):
         q = tf.cast(tf.fill((1, m), 1 / np.sqrt(m)), dtype)
@@ -522,7 +522,7 @@ def build(
         rows32[start : start + chunk.shape[0]] = chunk
     # (5): TF32 rows are stored in float32 and rounded by the tensor cores themselves.
     if narrow.inside:
-        bound = RowBound.a_priori(rows32, narrow.inside)
+        bound = RowBound.a_priori(rows32, narrow)
     else:
         bound = _measured_bound(columns, rows32, targets.dim)
     log.info(
