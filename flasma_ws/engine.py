@@ -518,14 +518,25 @@ class Engine:
                 bias.scatter_nd_update(inside[:, None], updates)
 
     def column_vectors(self, columns: np.ndarray) -> np.ndarray:
-        """(m, dim) float32 stored (normalized) vectors of engine columns."""
+        """(dim, m) float32 stored (normalized) vectors of engine columns, as columns.
+
+        Host slabs are read with numpy in the calling thread, not with a TensorFlow op: a
+        compaction reads the whole old base this way, and an op would take the threads of
+        TensorFlow's one intra-op pool, where the searches' own ops then wait."""
         columns = np.asarray(columns, np.int64)
-        out = np.empty((columns.size, self.dim), np.float32)
-        for (lo, hi), slab in zip(self._pieces(), [*self._slab_tensors, self._tail]):
+        out = np.empty((self.dim, columns.size), np.float32)
+        host = [(lo, lo + buffer.shape[1], buffer) for lo, buffer in self.host_slabs()]
+        stored = [*self._slab_tensors, self._tail]
+        parts = host or [(lo, hi, t) for (lo, hi), t in zip(self._pieces(), stored, strict=True)]
+        for lo, hi, slab in parts:
             picked = np.flatnonzero((columns >= lo) & (columns < hi))
-            if picked.size:
+            if not picked.size:
+                continue
+            if isinstance(slab, np.ndarray):
+                out[:, picked] = np.take(slab, columns[picked] - lo, axis=1)
+            else:
                 gathered = tf.gather(slab, columns[picked] - lo, axis=1)
-                out[picked] = tf.cast(gathered, tf.float32).numpy().T
+                out[:, picked] = tf.cast(gathered, tf.float32).numpy()
         return out
 
     def release(self) -> None:

@@ -171,8 +171,8 @@ class PlannedRows:
         self.n, self.dim = int(plan.positions.size), engine.dim
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        """(stop - start, dim) float32 rows."""
-        return _stored_vectors(self._base, self._app, self._positions[start:stop])
+        """(dim, stop - start) float32 rows, as columns."""
+        return _stored_columns(self._base, self._app, self._positions[start:stop])
 
     def fill_columns(
         self, out: np.ndarray, first: int, progress: Callable[[int], None] | None = None
@@ -180,12 +180,12 @@ class PlannedRows:
         step = 65_536
         for lo in range(0, out.shape[1], step):
             hi = min(lo + step, out.shape[1])
-            out[:, lo:hi] = self.read(first + lo, first + hi).T
+            out[:, lo:hi] = self.read(first + lo, first + hi)
 
     def chunks(self, chunk_rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         step = chunk_rows or 65_536
         for lo in range(0, self.n, step):
-            yield lo, self.read(lo, min(lo + step, self.n))
+            yield lo, self.read(lo, min(lo + step, self.n)).T
 
     def release_pages(self) -> None:
         pass
@@ -352,7 +352,7 @@ class LiveEngine:
         return [None if p is None else next(vectors) for p in positions]
 
     def _vectors(self, positions: np.ndarray) -> np.ndarray:
-        return _stored_vectors(self.base, self.app, positions)
+        return np.ascontiguousarray(_stored_columns(self.base, self.app, positions).T)
 
     # -- compaction: plan (engine thread), build (any thread), swap (engine thread) -------
     def plan_compaction(self) -> CompactionPlan:
@@ -387,6 +387,21 @@ class LiveEngine:
         engine.warmup(sizes=[2, 8])
         plan.slot_of = _positions_of(plan.keys)
         return engine
+
+    def fill_snapshot(self, plan: CompactionPlan, base: Engine) -> Callable[[np.ndarray], None]:
+        """What writes the plan's rows into a snapshot's (dim, n) view: a copy of the new
+        base's host slabs where it has them (the same float32 values, already in column
+        order: no second gather), else a second read of the old segments."""
+        slabs = base.host_slabs()
+        if not slabs:
+            rows = self.planned_rows(plan)
+            return lambda out: rows.fill_columns(out, 0)
+
+        def copy(out: np.ndarray) -> None:
+            for first, buffer in slabs:
+                out[:, first : first + buffer.shape[1]] = buffer
+
+        return copy
 
     def swap(self, plan: CompactionPlan, base: Engine) -> None:
         """Install the new base; rows written after the freeze move to a new appendable.
@@ -426,15 +441,15 @@ def _grow_keys(keys: np.ndarray, first: int, new: Sequence[Key], key_type: str) 
     return keys
 
 
-def _stored_vectors(base: Engine, app: Appendable, positions: np.ndarray) -> np.ndarray:
-    """(m, dim) float32 stored vectors at positions of `base` then `app`."""
+def _stored_columns(base: Engine, app: Appendable, positions: np.ndarray) -> np.ndarray:
+    """(dim, m) float32 stored vectors at positions of `base` then `app`, as columns."""
     nb = base.n
-    out = np.empty((positions.size, base.dim), np.float32)
+    out = np.empty((base.dim, positions.size), np.float32)
     in_base = positions < nb
     if in_base.any():
-        out[in_base] = base.column_vectors(positions[in_base])
+        out[:, in_base] = base.column_vectors(positions[in_base])
     if (~in_base).any():
-        out[~in_base] = app.vectors(positions[~in_base] - nb)
+        out[:, ~in_base] = app.vectors(positions[~in_base] - nb).T
     return out
 
 
