@@ -10,7 +10,10 @@ import platform
 from typing import Any
 
 # The flags that change which kernels TensorFlow, oneDNN and BLAS pick.
-FLAGS_THAT_MATTER = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16")
+FLAGS_THAT_MATTER = (
+    *("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni"),
+    *("amx_bf16", "amx_fp16"),
+)
 
 
 @functools.cache

@@ -369,7 +369,12 @@ def test_approximate_is_a_setting_and_a_flag() -> None:
     [
         ("bfloat16", ["avx2", "avx512f"], True, "no bfloat16 arithmetic"),
         ("bfloat16", ["avx512_bf16"], False, "without oneDNN"),
-        ("float16", ["avx512_bf16"], True, "no float16 arithmetic"),
+        ("float16", ["avx512_bf16"], True, "only through oneDNN on AMX"),
+        ("float16", ["avx512_fp16"], True, "only through oneDNN on AMX"),
+        ("float16", ["amx_bf16"], True, "only through oneDNN on AMX"),
+        ("float16", ["amx_fp16"], False, "only through oneDNN on AMX"),
+        ("float16", ["avx512_fp16", "amx_fp16"], True, None),
+        ("float16", ["avx512_fp16", "amx_bf16"], True, None),  # a VM may hide amx_fp16
         ("bfloat16", ["avx512_bf16"], True, None),
         ("bfloat16", ["amx_bf16"], True, None),
     ],
