@@ -38,12 +38,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from .engine import unit_queries
+from .engine import Engine, unit_queries
 from .errors import StorageError
 from .keys import Key
-from .live_engine import LiveEngine
+from .live_engine import CompactionPlan, LiveEngine
 from .settings import CollectionSettings
-from .snapshot import retire_snapshots, write_snapshot
+from .snapshot import Bands, Fill, retire_snapshots, write_snapshot
 from .wal import GroupCommitter, Record, WriteAheadLog
 
 log = logging.getLogger("flasma_ws")
@@ -190,7 +190,7 @@ class Collection:
             self.engine.dim,
             self.engine.key_type,  # type: ignore[arg-type]
             int(plan.positions.size),
-            self.engine.fill_snapshot(plan, base),
+            self._snapshot_rows(plan, base),
             plan.keys,
         )
         lap("snapshot")
@@ -210,6 +210,15 @@ class Collection:
             seconds,
             ", ".join(f"{name} {1000 * t:.0f} ms" for name, t in phases.items()),
         )
+
+    def _snapshot_rows(self, plan: CompactionPlan, base: Engine) -> Fill | Bands:
+        """The new base's host slabs, written in paced bands; else the old segments, read a
+        second time into the snapshot's memory map (a GPU or narrow base)."""
+        read = self.engine.row_bands(base)
+        if read is not None:
+            return Bands(read)
+        rows = self.engine.planned_rows(plan)
+        return lambda out: rows.fill_columns(out, 0)
 
     def close(self) -> None:
         """Stop compacting and committing (queued writes are written first)."""

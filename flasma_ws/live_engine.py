@@ -388,20 +388,15 @@ class LiveEngine:
         plan.slot_of = _positions_of(plan.keys)
         return engine
 
-    def fill_snapshot(self, plan: CompactionPlan, base: Engine) -> Callable[[np.ndarray], None]:
-        """What writes the plan's rows into a snapshot's (dim, n) view: a copy of the new
-        base's host slabs where it has them (the same float32 values, already in column
-        order: no second gather), else a second read of the old segments."""
+    @staticmethod
+    def row_bands(base: Engine) -> Callable[[int, int], np.ndarray] | None:
+        """Where `base` (a new base, built from a plan) lives in host slabs: rows lo..hi of its
+        (dim, n) float32 matrix as a (hi - lo, n) array, read from the slabs (the plan's
+        stored vectors, already in column order: no second gather). Else None."""
         slabs = base.host_slabs()
         if not slabs:
-            rows = self.planned_rows(plan)
-            return lambda out: rows.fill_columns(out, 0)
-
-        def copy(out: np.ndarray) -> None:
-            for first, buffer in slabs:
-                out[:, first : first + buffer.shape[1]] = buffer
-
-        return copy
+            return None
+        return lambda lo, hi: np.concatenate([buffer[lo:hi] for _, buffer in slabs], axis=1)
 
     def swap(self, plan: CompactionPlan, base: Engine) -> None:
         """Install the new base; rows written after the freeze move to a new appendable.

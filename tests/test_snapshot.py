@@ -13,6 +13,7 @@ from flasma_ws import snapshot as snap
 from flasma_ws.errors import StorageError
 from flasma_ws.keys import Key, KeyType
 from flasma_ws.snapshot import (
+    Bands,
     create_collection,
     latest_snapshot,
     read_collection,
@@ -124,6 +125,34 @@ def test_a_truncated_file_and_a_broken_manifest_are_detected(tmp_path: Path) -> 
     (path / "manifest.json").write_text("{not json")
     with pytest.raises(StorageError, match="manifest cannot be read"):
         latest_snapshot(tmp_path)
+
+
+@pytest.mark.parametrize("chunk", [64, 100, 1 << 20])  # pieces of a band; bands of rows
+def test_rows_given_as_bands_are_written_in_paced_chunks_and_read_back_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    rows = unit_rows(37)  # 37 * 4 bytes per row of the (dim, n) matrix: bands of 1 row or more
+    monkeypatch.setattr(snap, "WRITEBACK_CHUNK", chunk)
+    columns = np.ascontiguousarray(rows.T)
+    asked: list[tuple[int, int]] = []
+
+    def read(lo: int, hi: int) -> np.ndarray:
+        asked.append((lo, hi))
+        return columns[lo:hi]
+
+    write_snapshot(tmp_path, 3, DIM, "int", 37, Bands(read), list(range(37)))
+    found = latest_snapshot(tmp_path)  # verifies sizes and CRC32C
+    assert found is not None and found.lsn == 3
+    np.testing.assert_array_equal(found.columns(), columns)
+    assert [lo for lo, _ in asked] == sorted(lo for lo, _ in asked)  # file order
+    assert asked[-1][1] == DIM and len(asked) == -(-DIM // max(1, chunk // (4 * 37)))
+
+
+def test_a_band_of_the_wrong_shape_fails_and_leaves_the_old_snapshot(tmp_path: Path) -> None:
+    old = written(tmp_path, 4, unit_rows(8))
+    with pytest.raises(ValueError, match="came as"):
+        write_snapshot(tmp_path, 6, DIM, "int", 8, Bands(lambda lo, hi: np.zeros((1, 8))), [0] * 8)
+    assert sorted(p.name for p in (tmp_path / "snapshots").iterdir()) == [old.name]
 
 
 def test_a_snapshot_at_an_lsn_already_written_is_kept(tmp_path: Path) -> None:
