@@ -34,7 +34,7 @@ import numpy as np
 
 from .errors import StorageError
 from .keys import KEY_TYPES, Key, KeyType
-from .wal import fsync_directory
+from .wal import fdatasync, fsync_directory
 
 log = logging.getLogger("flasma_ws")
 
@@ -172,7 +172,7 @@ def _write_bands(path: Path, offset: int, dim: int, n: int, bands: Bands) -> Non
             at = offset + 4 * lo * n
             for begin in range(0, len(view), WRITEBACK_CHUNK):
                 _pwrite_all(fd, view[begin : begin + WRITEBACK_CHUNK], at + begin)
-                os.fdatasync(fd)
+                fdatasync(fd)
     finally:
         os.close(fd)
 

@@ -60,7 +60,7 @@ SEGMENT_NAME = re.compile(r"wal-(\d{20})\.log")
 # One group's vectors at most: bounds the group's encoded copy; a 1,000 x 100 bulk frame is 0.4 MB.
 MAX_GROUP_BYTES = 16 * 1024 * 1024
 SCAN_CHUNK = 1 << 22  # byte offsets examined at once when looking for records after a bad one
-_fdatasync = getattr(os, "fdatasync", os.fsync)  # the data, not the mtime: one seek less
+fdatasync = getattr(os, "fdatasync", os.fsync)  # the data, not the mtime: one seek less
 
 
 @dataclass(frozen=True)
@@ -388,7 +388,7 @@ class WriteAheadLog:
             return
         started = time.perf_counter()
         try:
-            _fdatasync(self._fd)
+            fdatasync(self._fd)
         except OSError as exc:
             raise self._fail(
                 f"fsync of the WAL segment {path} failed ({exc}); a failed fsync cannot be "
