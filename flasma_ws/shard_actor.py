@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import ray
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from .settings import EngineSettings
+from .shard_direct import LaneServer
 
 SEARCH_GROUP, PROBE_GROUP = "search", "probe"
 CONCURRENCY_GROUPS = {SEARCH_GROUP: 1, PROBE_GROUP: 1}  # one search at a time: Engine's rule
@@ -49,6 +51,7 @@ class ShardSpec:
     engine: EngineSettings
     tf_interop_threads: int
     threads: int = 1  # BLAS and TensorFlow intra-op threads: the CPUs Ray reserves for it
+    lane_key: bytes = b""  # the authkey of its direct lane (shard_direct.py); none if empty
 
 
 @dataclass(frozen=True)
@@ -107,16 +110,27 @@ class ShardServer:
         self.targets = open_rows(spec)
         self.engine = Engine(self.targets, spec.engine)
         self.engine.warmup()
+        self._one_search = threading.Lock()  # Ray's calls and the lane's: one at a time
+        self.lane = (
+            LaneServer(ray.util.get_node_ip_address(), spec.lane_key, self.engine.dim, self._top)
+            if spec.lane_key
+            else None
+        )
         self.load_seconds = time.perf_counter() - began
+
+    def _top(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """This shard's exact top-min(k, n) with global row numbers (engine order: score
+        descending, lower row first: shard_merge.py relies on nothing more), and seconds."""
+        with self._one_search:
+            started = time.perf_counter()
+            rows, scores = self.engine.search(queries, min(k, self.engine.max_k))
+            seconds = time.perf_counter() - started
+        return rows + self.spec.start, scores, seconds  # rows of the range -> of the file
 
     @ray.method(concurrency_group=SEARCH_GROUP)
     def search(self, queries: np.ndarray, k: int) -> ShardAnswer:
-        """This shard's exact top-min(k, n) with global row numbers (engine order: score
-        descending, lower row first: shard_merge.py relies on nothing more)."""
-        started = time.perf_counter()
-        rows, scores = self.engine.search(queries, min(k, self.engine.max_k))
-        rows = rows + self.spec.start  # rows within the range -> rows of the file
-        return ShardAnswer(rows, scores, self.incarnation, time.perf_counter() - started)
+        rows, scores, seconds = self._top(queries, k)
+        return ShardAnswer(rows, scores, self.incarnation, seconds)
 
     @ray.method(concurrency_group=PROBE_GROUP)
     def describe(self) -> dict[str, Any]:
@@ -133,6 +147,7 @@ class ShardServer:
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
             "incarnation": self.incarnation,
+            "lane": self.lane.address if self.lane is not None else None,
             "load_seconds": round(self.load_seconds, 3),
             "threads": thread_counts(),
             "engine": self.engine.describe(),

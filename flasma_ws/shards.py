@@ -1,10 +1,13 @@
 """The sharded engine: the matrix split over Ray actors, with the one engine's `search` contract.
 
 The front end (this process: sockets, the batcher, fairness, drain) stays as it is; behind the
-batcher, `ShardedEngine.search` puts each batch's queries into Ray's object store once, calls
-every shard at once, and merges their answers exactly (shard_merge.py proves the merge): the
-same rows, in the same order, as one engine over the whole matrix. Shards are actors of
-shard_actor.py that load their own contiguous rows from the same file path or demo seed.
+batcher, `ShardedEngine.search` sends each batch to every shard at once and merges their
+answers exactly (shard_merge.py proves the merge): the same rows, in the same order, as one
+engine over the whole matrix. A small batch (under 100 KiB) goes over each shard's direct lane
+(shard_direct.py: a socket beside Ray, which skips Ray's ~1 ms round trip), or by value in
+Ray calls where a lane is missing or breaks; a larger one is put into Ray's object store once.
+Shards are actors of shard_actor.py that load their own contiguous rows from the same file
+path or demo seed.
 
 Faults. Actors are created with `max_restarts` (--shard-restarts) and unlimited task retries:
 when a shard's process dies, Ray starts it again (it reloads its rows) and re-runs the calls
@@ -22,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,6 +36,8 @@ import numpy as np
 from . import protocol
 from .errors import ConfigError, EngineError, ShardsUnavailable
 from .settings import Settings
+from .shard_direct import Lane, LaneBroken
+from .shard_direct import connect as connect_lane
 from .shard_merge import merge_top_k
 
 log = logging.getLogger("flasma_ws")
@@ -154,7 +160,7 @@ class ShardMetrics:
         )
         self.fanout_seconds = Histogram(
             "flasma_shard_fanout_seconds",
-            "Per batch, from the queries put into the object store to every shard's answer merged.",
+            "Per batch, from the queries sent to every shard's answer merged.",
             buckets=LATENCY_BUCKETS_S,
             registry=registry,
         )
@@ -166,6 +172,13 @@ class ShardMetrics:
         )
         self.up = Gauge(
             "flasma_shard_up", "1 while a shard answers probes.", ["shard"], registry=registry
+        )
+        self.batches = Counter(
+            "flasma_shard_batches",
+            "Batches sent to the shards, by the way they went: lane (a socket to each shard) "
+            "or ray (actor calls).",
+            ["way"],
+            registry=registry,
         )
 
 
@@ -184,6 +197,9 @@ class ShardedEngine:
         self._stop = threading.Event()
         self._metrics: ShardMetrics | None = None
         self.shards: list[Shard] = []
+        self._lane_key = secrets.token_bytes(32)  # only this front end talks to its shards
+        self._lanes: dict[int, Lane | None] = {}
+        self._laneless: dict[int, str] = {}  # shard -> the incarnation no lane reached
         self._ray = import_ray(loopback=settings.ray_address is None)
         try:
             self._connect()
@@ -244,6 +260,7 @@ class ShardedEngine:
                 engine=s.engine,
                 tf_interop_threads=s.tf_interop_threads,
                 threads=shard_threads(s.shard_cpus),
+                lane_key=self._lane_key,
             )
             self.shards.append(Shard(index, start, stop, remote.remote(spec)))
 
@@ -263,6 +280,7 @@ class ShardedEngine:
                         f"load: {_cause(exc)}"
                     ) from None
                 shard.status = "ready"
+                self._renew_lane(shard)
                 log.info(
                     "Shard %d: rows %d..%d on %s (%s), loaded in %.2f s.",
                     shard.index,
@@ -303,24 +321,62 @@ class ShardedEngine:
             raise EngineError(f"k must be between 1 and {self.max_k}, got {k}.")
         started = time.perf_counter()
         deadline = deadline if deadline is not None else time.monotonic() + self.timeout_s
-        answers = self._gather(self._shipped(queries), k, deadline)
+        queries = np.ascontiguousarray(queries, np.float32)
+        answers = self._through_lanes(queries, k, deadline) if self._small(queries) else None
+        way = "lane" if answers is not None else "ray"
+        if answers is None:
+            answers = self._gather(self._shipped(queries), k, deadline)
         rows, scores = merge_top_k([a.rows for a in answers], [a.scores for a in answers], k)
         if self._metrics is not None:
+            self._metrics.batches.labels(way).inc()
             self._metrics.fanout_seconds.observe(time.perf_counter() - started)
             for shard, answer in zip(self.shards, answers):
                 self._metrics.call_seconds.labels(str(shard.index)).observe(answer.seconds)
         return rows, scores
 
+    def _small(self, queries: np.ndarray) -> bool:
+        """Whether the batch goes by value: under Ray's inline limit (100 KiB), and all its
+        copies together small."""
+        size = queries.nbytes
+        return size <= RAY_INLINE_BYTES and size * len(self.shards) <= INLINE_BYTES
+
     def _shipped(self, queries: np.ndarray) -> Any:
         """The queries as the shard calls take them: put into the object store once, or by
-        value in each call where Ray inlines them (under 100 KiB) and all the copies together
-        stay small. On this 2-core VM a put and the shards' reads of it cost more than the
-        copies: batch 128 x 100 to 2 shards took 4.8 ms put, 2.7 ms inline; to 8 shards 13.5
-        against 8.6 ms (docs/scale-out.md). Across nodes a put also travels once per node."""
-        queries = np.ascontiguousarray(queries, np.float32)
-        if queries.nbytes <= RAY_INLINE_BYTES and queries.nbytes * len(self.shards) <= INLINE_BYTES:
-            return queries
-        return self._ray.put(queries)
+        value in each call where they are small (`_small`). On this 2-core VM a put and the
+        shards' reads of it cost more than the copies: batch 128 x 100 to 2 shards took 4.8 ms
+        put, 2.7 ms inline; to 8 shards 13.5 against 8.6 ms (docs/scale-out.md). Across nodes
+        a put also travels once per node."""
+        return queries if self._small(queries) else self._ray.put(queries)
+
+    def _through_lanes(self, queries: np.ndarray, k: int, deadline: float) -> list[Any] | None:
+        """Every shard's answer over its lane (shard_direct.py), or None where a lane is
+        missing or breaks: the caller then sends the whole batch through Ray."""
+        from .shard_actor import ShardAnswer
+
+        lanes = [self._lanes.get(shard.index) for shard in self.shards]
+        if any(lane is None or lane.broken for lane in lanes):
+            return None
+        try:
+            futures = [lane.submit(queries, k) for lane in lanes if lane is not None]
+        except LaneBroken:
+            return None
+        answers = []
+        for shard, lane, future in zip(self.shards, lanes, futures, strict=True):
+            assert lane is not None
+            try:
+                answer = future.result(timeout=max(deadline - time.monotonic(), 0))
+            except LaneBroken:
+                return None
+            except TimeoutError:
+                raise ShardsUnavailable(
+                    protocol.TIMEOUT,
+                    f"Shard {shard.index} did not answer before the deadline; retry shortly.",
+                ) from None
+            except RuntimeError as exc:  # the shard's engine raised
+                raise EngineError(f"Shard {shard.index} failed: {exc}") from None
+            rows, scores, seconds = answer.rows, answer.scores, answer.seconds
+            answers.append(ShardAnswer(rows, scores, lane.incarnation, seconds))
+        return answers
 
     def _gather(self, ref: Any, k: int, deadline: float) -> list[Any]:
         """Every shard's answer, each call retried while the deadline allows."""
@@ -380,9 +436,14 @@ class ShardedEngine:
         return any(shard.status != "ready" for shard in self.shards)
 
     def live_info(self) -> dict[str, object]:
-        """The /info fields that change while serving."""
+        """The /info fields that change while serving (`lane`: whether the shard's direct
+        lane is open)."""
         with self._lock:
-            return {"shards": [shard.public() for shard in self.shards]}
+            shards = [shard.public() for shard in self.shards]
+        for entry in shards:
+            lane = self._lanes.get(entry["shard"])
+            entry["lane"] = lane is not None and not lane.broken
+        return {"shards": shards}
 
     def _note(self, shard: Shard, incarnation: str) -> None:
         """A shard answered: count a restart when it answers from a new actor process."""
@@ -423,11 +484,29 @@ class ShardedEngine:
                     self._note(shard, info["incarnation"])
                     with self._lock:
                         shard.info = info
+                    self._renew_lane(shard)
                     status = "ready"
                 shard.probe = None
             elif time.monotonic() - shard.probe_sent > PROBE_GRACE_S:
                 status = "reloading"
             self._set_status(shard, status)
+
+    def _renew_lane(self, shard: Shard) -> None:
+        """A new lane where the shard has none, or a broken one, or one to an earlier
+        incarnation; tried once per incarnation (a shard whose lane cannot be reached is
+        served through Ray, without a retry every probe)."""
+        incarnation = shard.info["incarnation"]
+        lane = self._lanes.get(shard.index)
+        if lane is not None and not lane.broken and lane.incarnation == incarnation:
+            return
+        if lane is None and self._laneless.get(shard.index) == incarnation:
+            return
+        if lane is not None:
+            lane.close()
+        lane = connect_lane(shard.info, self._lane_key)
+        self._lanes[shard.index] = lane
+        if lane is None:
+            self._laneless[shard.index] = incarnation
 
     def _set_status(self, shard: Shard, status: str) -> None:
         if status == shard.status:
@@ -444,6 +523,10 @@ class ShardedEngine:
         monitor = getattr(self, "_monitor", None)
         if monitor is not None:
             monitor.join(2 * PROBE_INTERVAL_S + 1)
+        for lane in self._lanes.values():
+            if lane is not None:
+                lane.close()
+        self._lanes = {}
         for shard in self.shards:
             try:
                 self._ray.kill(shard.actor, no_restart=True)

@@ -233,6 +233,8 @@ async def test_info_lists_shards_and_metrics_count_per_shard(server):
     assert info["n"] == N and [s["rows"] for s in info["shards"]] == [[0, 1500], [1500, N]]
     assert all(s["status"] == "ready" and s["node"] for s in info["shards"])
     assert all(s["threads"] == {"blas": 1, "tf_intra_op": 1} for s in info["shards"])
+    assert all(s["lane"] for s in info["shards"])  # small batches skip Ray's round trip
+    assert samples['flasma_shard_batches_total{way="lane"}'] >= 1
     for shard in ("0", "1"):
         assert samples[f'flasma_shard_call_seconds_count{{shard="{shard}"}}'] >= 1
         assert samples[f'flasma_shard_up{{shard="{shard}"}}'] == 1
@@ -323,7 +325,15 @@ async def test_a_killed_shard_comes_back_and_every_request_is_answered_once(serv
         await asyncio.wait_for(running, 120)
     exact, errors = load.check()
     assert exact > 0
-    # Both shards serve again: a fresh query is answered exactly.
+    # Both shards serve again, each over a new lane to its new process: a fresh query is
+    # answered exactly, through the lanes.
+    deadline = time.monotonic() + 10
+    while not all(s["lane"] for s in engine.live_info()["shards"]):
+        assert time.monotonic() < deadline, "no new lane to the restarted shards"
+        await asyncio.sleep(0.05)
+    lane_batches = 'flasma_shard_batches_total{way="lane"}'
+    async with httpx.AsyncClient(base_url=server.http_url, trust_env=False) as http:
+        before = read_samples((await http.get("/metrics")).text)[lane_batches]
     q = queries(3, seed=9)
     async with websockets.connect(server.url) as ws:
         await ws.send(orjson.dumps({"id": "after", "embeddings": q.tolist(), "k": 5}).decode())
@@ -333,6 +343,7 @@ async def test_a_killed_shard_comes_back_and_every_request_is_answered_once(serv
     assert_exact(matrix, q, rows, scores, k=5)
     async with httpx.AsyncClient(base_url=server.http_url, trust_env=False) as http:
         samples = read_samples((await http.get("/metrics")).text)
+    assert samples[lane_batches] > before
     assert samples['flasma_shard_restarts_total{shard="0"}'] == 1
     assert samples['flasma_shard_restarts_total{shard="1"}'] == 1
     reload_s = engine.live_info()["shards"][0]["load_seconds"]
