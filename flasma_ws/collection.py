@@ -214,7 +214,7 @@ class Collection:
     def _snapshot_rows(self, plan: CompactionPlan, base: Engine) -> Fill | Bands:
         """The new base's host slabs, written in paced bands; else the old segments, read a
         second time into the snapshot's memory map (a GPU or narrow base)."""
-        read = self.engine.row_bands(base)
+        read = base.host_rows()
         if read is not None:
             return Bands(read)
         rows = self.engine.planned_rows(plan)

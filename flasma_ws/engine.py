@@ -557,6 +557,15 @@ class Engine:
         memory (CPU, float32), else []: what BLAS can read without a copy."""
         return list(self._blas.slabs) if self._blas is not None else []
 
+    def host_rows(self) -> Callable[[int, int], np.ndarray] | None:
+        """Where the matrix lives in host slabs: rows lo..hi of its whole (dim, n) float32
+        layout as a (hi - lo, n) array, joined from the slabs (what a snapshot's file holds,
+        in file order). Else None."""
+        slabs = self.host_slabs()
+        if not slabs:
+            return None
+        return lambda lo, hi: np.concatenate([buffer[lo:hi] for _, buffer in slabs], axis=1)
+
     def describe(self) -> dict[str, object]:
         return {
             "n": self.n,

@@ -388,16 +388,6 @@ class LiveEngine:
         plan.slot_of = _positions_of(plan.keys)
         return engine
 
-    @staticmethod
-    def row_bands(base: Engine) -> Callable[[int, int], np.ndarray] | None:
-        """Where `base` (a new base, built from a plan) lives in host slabs: rows lo..hi of its
-        (dim, n) float32 matrix as a (hi - lo, n) array, read from the slabs (the plan's
-        stored vectors, already in column order: no second gather). Else None."""
-        slabs = base.host_slabs()
-        if not slabs:
-            return None
-        return lambda lo, hi: np.concatenate([buffer[lo:hi] for _, buffer in slabs], axis=1)
-
     def swap(self, plan: CompactionPlan, base: Engine) -> None:
         """Install the new base; rows written after the freeze move to a new appendable.
         Costs O(writes since the freeze), not O(N): the engine thread's pause is short."""

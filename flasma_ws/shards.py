@@ -354,15 +354,15 @@ class ShardedEngine:
         from .shard_actor import ShardAnswer
 
         lanes = [self._lanes.get(shard.index) for shard in self.shards]
-        if any(lane is None or lane.broken for lane in lanes):
+        open_lanes = [lane for lane in lanes if lane is not None and not lane.broken]
+        if len(open_lanes) < len(self.shards):
             return None
         try:
-            futures = [lane.submit(queries, k) for lane in lanes if lane is not None]
+            futures = [lane.submit(queries, k) for lane in open_lanes]
         except LaneBroken:
             return None
         answers = []
-        for shard, lane, future in zip(self.shards, lanes, futures, strict=True):
-            assert lane is not None
+        for shard, lane, future in zip(self.shards, open_lanes, futures, strict=True):
             try:
                 answer = future.result(timeout=max(deadline - time.monotonic(), 0))
             except LaneBroken:
@@ -374,8 +374,9 @@ class ShardedEngine:
                 ) from None
             except RuntimeError as exc:  # the shard's engine raised
                 raise EngineError(f"Shard {shard.index} failed: {exc}") from None
-            rows, scores, seconds = answer.rows, answer.scores, answer.seconds
-            answers.append(ShardAnswer(rows, scores, lane.incarnation, seconds))
+            answers.append(
+                ShardAnswer(answer.rows, answer.scores, lane.incarnation, answer.seconds)
+            )
         return answers
 
     def _gather(self, ref: Any, k: int, deadline: float) -> list[Any]:
